@@ -1,0 +1,74 @@
+"""bnfold: exact BatchNorm folding, recalibration, verification and export.
+
+Deployment pipelines import only from here::
+
+    import bnfold
+    folded, report = bnfold.fold(model, example_inputs)        # nn.Module / GraphModule / EP / ONNX
+    stats = bnfold.recalibrate(model, loader)                  # exact population statistics
+    result = bnfold.verify(original_onnx, folded_onnx)         # onnxruntime, per-output errors
+    result = bnfold.export("resnet-mini", "out/")              # load -> fold -> ONNX -> verify
+
+Heavy dependencies (torch, onnx, onnxruntime) are imported on first use, so ``import bnfold``
+and ``bnfold --help`` stay instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from bnfold.errors import (
+    BadInputError,
+    BnfoldError,
+    ProviderUnavailableError,
+    RecalibrationError,
+    UnsupportedModelError,
+    VerificationError,
+)
+from bnfold.report import FoldReport
+from bnfold.sites import Direction, FoldDecision, SkipCode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fold",
+    "recalibrate",
+    "verify",
+    "export",
+    "FoldReport",
+    "FoldDecision",
+    "Direction",
+    "SkipCode",
+    "RecalibrationReport",
+    "VerifyReport",
+    "ExportResult",
+    "BnfoldError",
+    "BadInputError",
+    "UnsupportedModelError",
+    "VerificationError",
+    "ProviderUnavailableError",
+    "RecalibrationError",
+]
+
+# public name -> module that defines it (imported lazily)
+_LAZY = {
+    "fold": "bnfold.api",
+    "recalibrate": "bnfold.recalib",
+    "RecalibrationReport": "bnfold.recalib",
+    "verify": "bnfold.verify",
+    "VerifyReport": "bnfold.verify",
+    "export": "bnfold.export",
+    "ExportResult": "bnfold.export",
+}
+
+if TYPE_CHECKING:
+    from bnfold.api import fold
+    from bnfold.export import ExportResult, export
+    from bnfold.recalib import RecalibrationReport, recalibrate
+    from bnfold.verify import VerifyReport, verify
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
