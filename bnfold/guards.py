@@ -57,9 +57,7 @@ class SiteFacts:
 def check(f: SiteFacts) -> tuple[SkipCode, str] | None:
     """The first failing guard as ``(code, sentence)``, or None when the fold is exact."""
     into = "producer" if f.direction is Direction.BACKWARD else "consumer"
-    between = (
-        f"output of {f.partner}" if f.direction is Direction.BACKWARD else f"output of {f.bn}"
-    )
+    between = f"output of {f.partner}" if f.direction is Direction.BACKWARD else f"output of {f.bn}"
     if f.training:
         return SkipCode.TRAINING_MODE, (
             "BN normalises with batch statistics (training mode); export in eval mode to fold it"
@@ -85,7 +83,10 @@ def check(f: SiteFacts) -> tuple[SkipCode, str] | None:
     if f.shared:
         return SkipCode.SHARED_MODULE, f.shared
     if f.bn_axis is None or f.partner_axis is None:
-        return SkipCode.UNKNOWN_SHAPE, "tensor shapes are unknown, so the channel axes cannot be matched"
+        return (
+            SkipCode.UNKNOWN_SHAPE,
+            "tensor shapes are unknown, so the channel axes cannot be matched",
+        )
     if f.bn_axis != f.partner_axis:
         return SkipCode.CHANNEL_AXIS, (
             f"BN normalises axis {f.bn_axis} but {f.partner_op or f.partner}'s channels are on "

@@ -57,4 +57,6 @@ class FoldReport:
 
     def __str__(self) -> str:
         s = self.summary()
-        return f"{self.model}: {s['folded']}/{s['batchnorms']} BatchNorms folded, {s['skipped']} kept"
+        return (
+            f"{self.model}: {s['folded']}/{s['batchnorms']} BatchNorms folded, {s['skipped']} kept"
+        )

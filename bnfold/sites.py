@@ -50,6 +50,9 @@ class FoldDecision:
         code: why the BN stays, for a skipped BN.
         reason: a sentence a person can act on, for a skipped BN.
         params: new parameter name -> the original parameter names it was computed from.
+        tensor: the value a fold must preserve, named as in both the original and the folded
+            graph: the BN's output for a backward fold, the consumer's output for a forward
+            fold. Verification compares it to localise a broken fold.
     """
 
     bn: str
@@ -59,6 +62,7 @@ class FoldDecision:
     code: SkipCode | None = None
     reason: str | None = None
     params: dict[str, list[str]] = field(default_factory=dict)
+    tensor: str | None = None
 
     @classmethod
     def fold(
@@ -67,8 +71,16 @@ class FoldDecision:
         direction: Direction,
         target: str,
         params: dict[str, list[str]] | None = None,
+        tensor: str | None = None,
     ) -> FoldDecision:
-        return cls(bn=bn, folded=True, direction=direction, target=target, params=params or {})
+        return cls(
+            bn=bn,
+            folded=True,
+            direction=direction,
+            target=target,
+            params=params or {},
+            tensor=tensor,
+        )
 
     @classmethod
     def skip(cls, bn: str, code: SkipCode, reason: str) -> FoldDecision:
@@ -83,4 +95,5 @@ class FoldDecision:
             "code": self.code.value if self.code else None,
             "reason": self.reason,
             "params": {k: list(v) for k, v in self.params.items()},
+            "tensor": self.tensor,
         }

@@ -64,9 +64,7 @@ REGISTRY: dict[str, ModelSpec] = {
     "decoder": ModelSpec(
         nets.decoder, (2, 8, 8, 8), "ConvTranspose2d decoder, with a grouped transposed conv"
     ),
-    "mlp": ModelSpec(
-        nets.mlp, (4, 32), "MLP with Linear -> BatchNorm1d and BatchNorm1d -> Linear"
-    ),
+    "mlp": ModelSpec(nets.mlp, (4, 32), "MLP with Linear -> BatchNorm1d and BatchNorm1d -> Linear"),
     "flatten-head": ModelSpec(
         nets.flatten_head, (2, 3, 8, 8), "Conv -> ReLU -> BN -> Flatten -> Linear classifier"
     ),

@@ -73,8 +73,14 @@ class ResNet(nn.Module):
         super().__init__()
         stem = widths[0]
         self.stem = nn.Sequential(
-            nn.Conv2d(3, stem, 7 if block is Bottleneck else 3, 2 if block is Bottleneck else 1,
-                      3 if block is Bottleneck else 1, bias=False),
+            nn.Conv2d(
+                3,
+                stem,
+                7 if block is Bottleneck else 3,
+                2 if block is Bottleneck else 1,
+                3 if block is Bottleneck else 1,
+                bias=False,
+            ),
             nn.BatchNorm2d(stem),
             nn.ReLU(),
         )
