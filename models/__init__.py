@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from bnfold.models import nets
+from torch import nn
 
 __all__ = ["ModelSpec", "REGISTRY", "build", "names", "DEFAULT_MODEL"]
 
