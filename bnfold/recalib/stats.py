@@ -1,0 +1,226 @@
+"""Per-channel population statistics, exact in float64.
+
+The accumulator keeps, per channel, the element count ``n``, the mean and ``M2`` (the sum of
+squared deviations from the mean). Each batch is reduced on its own in float64 (its mean first,
+then the centred sum of squares, so no ``E[x^2] - E[x]^2`` cancellation), then merged with
+Chan et al.'s parallel formula::
+
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * n_b / n
+    M2 = M2_a + M2_b + delta^2 * n_a * n_b / n
+
+The result is the statistics of the whole data set up to float64 rounding, whatever the batch
+size or order. The same merge combines the accumulators of several ``torch.distributed`` ranks:
+every rank gathers all ``(n, mean, M2)`` triples and merges them in rank order, so all ranks end
+bit-identical, also when shards are uneven or a rank never reached a BatchNorm.
+
+:class:`BatchVarianceMean` is the estimator of ``torch.optim.swa_utils.update_bn`` and similar
+tools (every batch weighs the same, the spread between batch means is dropped); it is offered
+only under its own name, for comparison and reproduction.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "ESTIMATORS",
+    "Estimator",
+    "ChannelStats",
+    "BatchVarianceMean",
+    "make_accumulator",
+    "batch_moments",
+    "all_reduce_stats",
+]
+
+Estimator = Literal["exact", "batch-variance-mean"]
+ESTIMATORS: tuple[str, ...] = ("exact", "batch-variance-mean")
+
+_F64 = torch.float64
+
+
+def batch_moments(x: torch.Tensor, channel_axis: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Reduce one batch to per-channel ``(n, mean, M2)`` in float64.
+
+    Args:
+        x: the activations, any float dtype and device.
+        channel_axis: the axis that holds the channels; every other axis is reduced.
+
+    Returns:
+        ``n`` (elements per channel) and float64 ``mean`` and ``M2`` of shape ``(C,)``.
+    """
+    axis = channel_axis % x.dim()
+    dims = [d for d in range(x.dim()) if d != axis]
+    n = x.numel() // x.shape[axis] if x.shape[axis] else 0
+    x64 = x.to(_F64)
+    mean = x64.mean(dim=dims, keepdim=True)
+    centred = x64 - mean
+    m2 = torch.sum(centred * centred, dim=dims)
+    return n, mean.reshape(-1), m2
+
+
+class ChannelStats:
+    """Exact per-channel count, mean and M2 in float64, merged with Chan's formula.
+
+    Attributes:
+        channels: number of channels.
+        count: elements seen per channel (the same for every channel).
+        mean: float64 tensor ``(C,)``.
+        m2: float64 tensor ``(C,)``, the sum of squared deviations from ``mean``.
+        batches: how many batches (or calls) contributed.
+    """
+
+    estimator: Estimator = "exact"
+
+    def __init__(self, channels: int, device: torch.device | str | None = None) -> None:
+        self.channels = channels
+        self.count = 0
+        self.mean = torch.zeros(channels, dtype=_F64, device=device)
+        self.m2 = torch.zeros(channels, dtype=_F64, device=device)
+        self.batches = 0
+
+    def update(self, x: torch.Tensor, channel_axis: int = 1) -> None:
+        """Add one batch of activations whose channels lie on ``channel_axis``."""
+        n, mean, m2 = batch_moments(x.detach(), channel_axis)
+        self.merge(n, mean, m2)
+        self.batches += 1
+
+    def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Merge the moments ``(n, mean, M2)`` of another part of the data (Chan et al.)."""
+        if n == 0:
+            return
+        mean = mean.to(device=self.mean.device, dtype=_F64)
+        m2 = m2.to(device=self.m2.device, dtype=_F64)
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n, mean.clone(), m2.clone()
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+        self.count = total
+
+    def population_var(self) -> torch.Tensor:
+        """Biased variance ``M2 / n`` (what normalisation over the whole data set uses)."""
+        return self.m2 / max(self.count, 1)
+
+    def unbiased_var(self) -> torch.Tensor:
+        """Unbiased variance ``M2 / (n - 1)``: what PyTorch keeps in ``running_var``."""
+        return self.m2 / max(self.count - 1, 1)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(mean, running_var)`` pair to store: float64 mean and unbiased variance."""
+        return self.mean, self.unbiased_var()
+
+    def state(self) -> torch.Tensor:
+        """``(3, C)`` float64: count (broadcast), mean, M2 — what ranks exchange."""
+        count = torch.full_like(self.mean, float(self.count))
+        return torch.stack([count, self.mean, self.m2])
+
+    def merge_state(self, state: torch.Tensor, batches: int = 0) -> None:
+        """Merge a :meth:`state` tensor from another accumulator."""
+        n = int(state[0, 0].item()) if state.shape[1] else 0
+        self.merge(n, state[1], state[2])
+        self.batches += batches
+
+
+class BatchVarianceMean(ChannelStats):
+    """The equal-weight estimator: mean of batch means, mean of unbiased batch variances.
+
+    This is what ``swa_utils.update_bn`` (momentum ``None``) and AIMET/pycls re-estimation
+    compute. It ignores how far batch means lie apart, so it underestimates the variance when
+    batches differ (correlated pixels, class-ordered data). Kept only as a named option.
+    """
+
+    estimator: Estimator = "batch-variance-mean"
+
+    def update(self, x: torch.Tensor, channel_axis: int = 1) -> None:
+        n, mean, m2 = batch_moments(x.detach(), channel_axis)
+        if n == 0:
+            return
+        # store running sums of batch means and batch variances in mean/m2; count = batches
+        var = m2 / max(n - 1, 1)
+        self.mean = self.mean + mean.to(self.mean.device)
+        self.m2 = self.m2 + var.to(self.m2.device)
+        self.count += n
+        self.batches += 1
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = max(self.batches, 1)
+        return self.mean / b, self.m2 / b
+
+    def unbiased_var(self) -> torch.Tensor:
+        return self.m2 / max(self.batches, 1)
+
+    def population_var(self) -> torch.Tensor:
+        return self.unbiased_var()
+
+    def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        self.mean = self.mean + mean.to(self.mean.device, _F64)
+        self.m2 = self.m2 + m2.to(self.m2.device, _F64)
+        self.count += n
+
+    def state(self) -> torch.Tensor:
+        count = torch.full_like(self.mean, float(self.count))
+        return torch.stack([count, self.mean, self.m2])
+
+    def merge_state(self, state: torch.Tensor, batches: int = 0) -> None:
+        n = int(state[0, 0].item()) if state.shape[1] else 0
+        self.merge(n, state[1], state[2])
+        self.batches += batches
+
+
+def make_accumulator(
+    estimator: str, channels: int, device: torch.device | str | None = None
+) -> ChannelStats:
+    """Build the accumulator for ``estimator`` (``"exact"`` or ``"batch-variance-mean"``)."""
+    if estimator == "exact":
+        return ChannelStats(channels, device)
+    if estimator == "batch-variance-mean":
+        return BatchVarianceMean(channels, device)
+    from bnfold.errors import BadInputError
+
+    raise BadInputError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+
+
+def all_reduce_stats(accs: list[ChannelStats]) -> None:
+    """Merge accumulators exactly across ``torch.distributed`` ranks, in rank order.
+
+    Every rank all-gathers every accumulator's ``(count, mean, M2)`` as float64 (one collective
+    for all of them, plus one for the batch counts) and merges the gathered parts in rank order
+    from empty, so all ranks compute the same float64 operations on the same operands and end
+    bit-identical. A rank that saw no data for a BatchNorm contributes ``n = 0``, a no-op.
+    Does nothing when ``torch.distributed`` is not initialised or has one rank.
+    """
+    import torch.distributed as dist
+
+    if not accs or not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    # gloo gathers CPU tensors; NCCL needs them on the current CUDA device
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    flat = torch.cat([a.state().reshape(-1).to(device) for a in accs])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    batches = torch.tensor([a.batches for a in accs], dtype=torch.int64, device=device)
+    gathered_b = [torch.empty_like(batches) for _ in range(world)]
+    dist.all_gather(gathered_b, batches)
+    offset = 0
+    for i, acc in enumerate(accs):
+        size = 3 * acc.channels
+        parts = [g[offset : offset + size].reshape(3, acc.channels).cpu() for g in gathered]
+        home = acc.mean.device
+        acc.count, acc.batches = 0, 0
+        acc.mean = torch.zeros(acc.channels, dtype=_F64)
+        acc.m2 = torch.zeros(acc.channels, dtype=_F64)
+        for rank, part in enumerate(parts):
+            acc.merge_state(part, int(gathered_b[rank][i].item()))
+        acc.mean, acc.m2 = acc.mean.to(home), acc.m2.to(home)
+        offset += size
