@@ -1,0 +1,394 @@
+"""``bnfold.verify``: prove that a folded model computes what the original computes.
+
+The reference runs independently of the candidate's optimizations: an ONNX reference runs on
+onnxruntime's CPU provider with every graph optimization off (otherwise onnxruntime folds the
+original's BatchNorms itself and the check compares a fold with a fold), a PyTorch reference
+runs eagerly, in float64 by default. The candidate runs as deployed: an ONNX candidate with
+onnxruntime's default optimizations on each requested provider, a PyTorch candidate eagerly
+on ``cpu`` or ``cuda``. A provider that cannot run is reported as *not run*, never passed.
+
+Every output of every provider gets error statistics and an ``allclose``-style verdict whose
+tolerances default from the dtype (see :mod:`bnfold.verify.compare`). With a FoldReport, a
+failing verification names the first fold whose preserved tensor differs
+(:mod:`bnfold.verify.localize`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnfold.errors import BadInputError
+from bnfold.report import FoldReport
+from bnfold.verify.compare import Accumulator, OutputStats, ToleranceArg, resolve_tolerance
+from bnfold.verify.inputs import (
+    Batch,
+    InputSpec,
+    generate_batches,
+    load_batches,
+    parse_shapes,
+)
+from bnfold.verify.localize import DEFAULT_CHUNK, load_fold_report, localise
+from bnfold.verify.report import Localisation, ProviderResult, VerifyReport
+from bnfold.verify.runners import (
+    ModelSource,
+    OrtRunner,
+    TorchRunner,
+    available_providers,
+    is_torch_module,
+    load_model_source,
+    ort_provider_name,
+)
+
+__all__ = ["verify", "VerifyReport", "ProviderResult", "Localisation", "OutputStats"]
+
+
+def verify(
+    reference: Any,
+    candidate: Any,
+    *,
+    inputs: Any = None,
+    data: Any = None,
+    providers: Sequence[str] | str = ("cpu",),
+    rtol: ToleranceArg = None,
+    atol: ToleranceArg = None,
+    shapes: Mapping[str, Sequence[int]] | Sequence[str] | None = None,
+    seed: int = 0,
+    num_batches: int | None = None,
+    fold_report: FoldReport | Mapping[str, Any] | str | Path | None = None,
+    progress: bool | None = None,
+    reference_float64: bool = True,
+    localise_chunk: int = DEFAULT_CHUNK,
+) -> VerifyReport:
+    """Run ``reference`` and ``candidate`` on the same inputs and compare every output.
+
+    Args:
+        reference: the original model: ``.onnx`` path, ``onnx.ModelProto`` or
+            ``torch.nn.Module``. Never modified.
+        candidate: the model to check (e.g. the folded one), same kinds. Never modified.
+        inputs: one batch given directly: an array/tensor (single-input models), a tuple of
+            them (in input order) or a mapping input name -> array.
+        data: real batches: ``.npy``/``.npz`` path, array, mapping, or an iterable such as a
+            DataLoader (see :mod:`bnfold.verify.inputs`).
+        providers: where the candidate runs: ``cpu``, ``cuda`` or onnxruntime provider names
+            (a comma-separated string works too).
+        rtol: relative tolerance for every output (float) or by output name (mapping;
+            ``"*"`` for the rest). None: the dtype default.
+        atol: absolute tolerance, likewise. None: the dtype default (relative to the output's
+            largest reference magnitude).
+        shapes: sizes for symbolic input dims: ``{"input": (8, 3, 224, 224)}`` or
+            ``["input:8x3x224x224"]``. A symbolic leading dim left unset is 1.
+        seed: seed of the generated inputs.
+        num_batches: batches to compare: generated ones (default 1), or the first ones of
+            ``data`` (default all).
+        fold_report: the candidate's FoldReport (object, dict, or JSON path) to localise a
+            failure to one fold; both models must be ONNX for that.
+        progress: show a progress bar on stderr (None: when stderr is a terminal).
+        reference_float64: run a PyTorch reference in float64.
+        localise_chunk: intermediate tensors exposed per localisation run.
+
+    Returns:
+        A :class:`VerifyReport`; ``report.passed`` is True only when every requested
+        provider ran and every output passed.
+
+    Raises:
+        BadInputError: unreadable model or data, incompatible outputs, bad shapes or options.
+    """
+    provider_list = _provider_list(providers)
+    shape_map = _shape_map(shapes)
+    report_obj = load_fold_report(fold_report) if fold_report is not None else None
+    if inputs is not None and data is not None:
+        raise BadInputError("give inputs= or data=, not both")
+
+    ref_is_torch = is_torch_module(reference)
+    cand_is_torch = is_torch_module(candidate)
+    ref_src = None if ref_is_torch else load_model_source(reference)
+    cand_src = None if cand_is_torch else load_model_source(candidate)
+
+    ref_ort = OrtRunner(ref_src, optimized=False) if ref_src is not None else None
+    available = available_providers()
+    runners, results = _candidate_runners(candidate, cand_src, provider_list, available)
+    cand_ort = next((r for r in runners.values() if isinstance(r, OrtRunner)), None)
+
+    specs = _specs(ref_ort, cand_ort, cand_src)
+    onnx_names = (ref_ort or cand_ort).output_names if (ref_ort or cand_ort) else None
+    ref_runner: OrtRunner | TorchRunner = ref_ort or TorchRunner(
+        reference, float64=reference_float64, output_names=onnx_names
+    )
+    for runner in runners.values():
+        if isinstance(runner, TorchRunner) and onnx_names:
+            runner.output_names = list(onnx_names)
+
+    batches, total = _batches(specs, inputs, data, shape_map, seed, num_batches)
+    accs: dict[str, dict[str, Accumulator]] = {p: {} for p in runners}
+    first_batch: Batch | None = None
+    count = 0
+    with _progress(progress) as bar:
+        task = bar.add_task("verifying", total=total)
+        for batch in batches:
+            if first_batch is None:
+                first_batch = batch
+            ref_out = ref_runner.run(batch)
+            for p, runner in runners.items():
+                cand_out = runner.run(batch)
+                for name, (cand, ref) in _pair(cand_out, ref_out).items():
+                    acc = accs[p].get(name)
+                    if acc is None:
+                        tol = resolve_tolerance(name, cand.dtype, rtol, atol)
+                        acc = accs[p][name] = Accumulator(name, tol)
+                    acc.add(cand, ref)
+            count += 1
+            bar.update(task, advance=1)
+
+    for p, runner in runners.items():
+        stats = [a.result() for a in accs[p].values()]
+        results[p] = ProviderResult(
+            provider=p,
+            runtime=_runtime(runner),
+            verdict="pass" if all(s.passed for s in stats) else "fail",
+            outputs=stats,
+        )
+    report = VerifyReport(
+        reference=_label(reference, ref_src, "onnxruntime CPU, optimizations off")
+        if not ref_is_torch
+        else _label(reference, None, "torch eager" + (" float64" if reference_float64 else "")),
+        candidate=_label(candidate, cand_src, None),
+        providers=[results[p] for p in provider_list],
+        batches=count,
+        seed=seed if inputs is None and data is None else None,
+        available_providers=available,
+    )
+    if report_obj is not None and report.verdict == "fail" and first_batch is not None:
+        if ref_src is None or cand_src is None:
+            report.notes.append("localisation needs the original and the candidate as ONNX")
+        else:
+            with _progress(progress) as bar:
+                task = bar.add_task("localising", total=len(report_obj.folded))
+                report.localisation, notes = localise(
+                    ref_src,
+                    cand_src,
+                    report_obj,
+                    first_batch,
+                    rtol=rtol,
+                    atol=atol,
+                    chunk=localise_chunk,
+                    on_chunk=lambda done, _total: bar.update(task, completed=done),
+                )
+            report.notes.extend(notes)
+    return report
+
+
+def _provider_list(providers: Sequence[str] | str) -> list[str]:
+    items = providers.split(",") if isinstance(providers, str) else list(providers)
+    out: list[str] = []
+    for p in items:
+        name = p.strip()
+        if not name:
+            raise BadInputError("empty provider name; use e.g. providers=('cpu', 'cuda')")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise BadInputError("no provider requested; use e.g. providers=('cpu',)")
+    return out
+
+
+def _shape_map(
+    shapes: Mapping[str, Sequence[int]] | Sequence[str] | None,
+) -> dict[str, tuple[int, ...]]:
+    if shapes is None:
+        return {}
+    if isinstance(shapes, Mapping):
+        return {str(k): tuple(int(d) for d in v) for k, v in shapes.items()}
+    if isinstance(shapes, str):
+        return parse_shapes([shapes])
+    return parse_shapes(shapes)
+
+
+def _candidate_runners(
+    candidate: Any,
+    src: ModelSource | None,
+    providers: list[str],
+    available: list[str],
+) -> tuple[dict[str, OrtRunner | TorchRunner], dict[str, ProviderResult]]:
+    """A runner per provider that can run; a not-run result for every other one."""
+    runners: dict[str, OrtRunner | TorchRunner] = {}
+    results: dict[str, ProviderResult] = {}
+    for p in providers:
+        if src is None:
+            runner, reason = _torch_candidate(candidate, p)
+            runtime = f"torch:{p.lower()}"
+        else:
+            runtime = ort_provider_name(p)
+            runner, reason = _ort_candidate(src, runtime, available)
+        if runner is None:
+            results[p] = ProviderResult(p, runtime, "not-run", reason=reason)
+        else:
+            runners[p] = runner
+    return runners, results
+
+
+def _ort_candidate(
+    src: ModelSource, provider: str, available: list[str]
+) -> tuple[OrtRunner | None, str | None]:
+    if provider not in available:
+        return None, (
+            f"{provider} is not available in this onnxruntime; available providers: "
+            + ", ".join(available)
+        )
+    runner = OrtRunner(src, provider, optimized=True)
+    if provider not in runner.session.get_providers():
+        # onnxruntime falls back to CPU when a provider's libraries fail to load: that run
+        # would not be the requested one.
+        return None, (
+            f"{provider} is installed but could not start (missing CUDA/cuDNN libraries or no "
+            f"device?); providers that started: {', '.join(runner.session.get_providers())}"
+        )
+    return runner, None
+
+
+def _torch_candidate(module: Any, provider: str) -> tuple[TorchRunner | None, str | None]:
+    key = provider.lower()
+    if key not in ("cpu", "cuda"):
+        return None, f"a torch candidate runs on cpu or cuda, not {provider}"
+    if key == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, "torch has no CUDA device here; available devices: cpu"
+    return TorchRunner(module, device=key), None
+
+
+def _specs(
+    ref: OrtRunner | None, cand: OrtRunner | None, cand_src: ModelSource | None
+) -> list[InputSpec] | None:
+    if ref is not None:
+        return ref.input_specs()
+    if cand is not None:
+        return cand.input_specs()
+    if cand_src is not None:
+        # The ONNX candidate's every provider is unavailable: still read its inputs on CPU.
+        return OrtRunner(cand_src, optimized=False).input_specs()
+    return None
+
+
+def _specs_from_example(example: Any) -> list[InputSpec]:
+    """Input specs for two torch modules, taken from the first batch the user gave."""
+    if isinstance(example, Mapping):
+        items = list(example.items())
+    elif isinstance(example, (tuple, list)):
+        items = [(f"input_{i}", v) for i, v in enumerate(example)]
+    else:
+        items = [("input_0", example)]
+    specs = []
+    for name, value in items:
+        arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        specs.append(InputSpec(str(name), arr.dtype, tuple(arr.shape)))
+    return specs
+
+
+def _batches(
+    specs: list[InputSpec] | None,
+    inputs: Any,
+    data: Any,
+    shapes: dict[str, tuple[int, ...]],
+    seed: int,
+    num_batches: int | None,
+) -> tuple[Iterator[Batch], int | None]:
+    """The batches to compare and their count (None when a data iterable does not say)."""
+    if specs is None:
+        # Two torch modules: the inputs define the specs.
+        if inputs is not None:
+            specs = _specs_from_example(inputs)
+        elif data is not None and not isinstance(data, (str, Path)):
+            iterator = iter(data)
+            try:
+                first = next(iterator)
+            except StopIteration:
+                raise BadInputError("the data holds no batches; give at least one") from None
+            specs = _specs_from_example(first)
+            data = itertools.chain([first], iterator)
+        else:
+            raise BadInputError(
+                "two torch modules need inputs= (an example batch) or data= (an iterable)"
+            )
+    if inputs is not None:
+        return iter(list(load_batches([inputs], specs))), 1
+    if data is not None:
+        total = num_batches
+        if total is None and hasattr(data, "__len__"):
+            total = _len(data, specs)
+        return load_batches(data, specs, num_batches=num_batches), total
+    n = 1 if num_batches is None else num_batches
+    return iter(generate_batches(specs, shapes, seed=seed, num_batches=n)), n
+
+
+def _len(data: Any, specs: list[InputSpec]) -> int | None:
+    if isinstance(data, (np.ndarray, Mapping)):
+        return None
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _pair(
+    cand: dict[str, np.ndarray], ref: dict[str, np.ndarray]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Match outputs by name, or by position when the names differ (torch vs ONNX)."""
+    if set(cand) == set(ref):
+        return {n: (cand[n], ref[n]) for n in cand}
+    if len(cand) != len(ref):
+        raise BadInputError(
+            f"the candidate has {len(cand)} outputs ({', '.join(cand)}), the reference "
+            f"{len(ref)} ({', '.join(ref)}); they must compute the same outputs"
+        )
+    return {n: (c, r) for (n, c), r in zip(cand.items(), ref.values(), strict=True)}
+
+
+def _runtime(runner: OrtRunner | TorchRunner) -> str:
+    if isinstance(runner, OrtRunner):
+        return runner.provider
+    return f"torch:{runner.device.type}"
+
+
+def _label(model: Any, src: ModelSource | None, how: str | None) -> str:
+    base = src.label if src is not None else type(model).__name__
+    return f"{base} ({how})" if how else base
+
+
+class _NoProgress:
+    """The progress interface, doing nothing (progress disabled)."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _progress(enabled: bool | None) -> Any:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return _NoProgress()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
