@@ -1,0 +1,174 @@
+"""The ONNX front end: fold every exactly foldable BatchNormalization of an ONNX model.
+
+Each BN, in graph order, gets one decision. With ``direction="both"`` the fold into the
+producer (backward) is tried first and the fold into the consumer (forward) second; a BN that
+neither can take stays, with the reason of the direction that got further (a missing partner
+is the least informative reason). Folds see the graph as earlier folds left it, so a chain
+``Conv -> BN -> BN`` folds both BNs into the Conv.
+
+Modules: :mod:`.graph` (index, shapes, constant evaluation), :mod:`.discover` (sites and guard
+facts), :mod:`.rewrite` (new parameters and rewiring).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+
+from bnfold.errors import BadInputError
+from bnfold.guards import check
+from bnfold.onnx_io import check_output_path, load_onnx, load_onnx_info, save_onnx
+from bnfold.onnxfold.discover import Site, backward_site, forward_site
+from bnfold.onnxfold.graph import GraphIndex
+from bnfold.onnxfold.rewrite import Rewriter
+from bnfold.report import FoldReport
+from bnfold.sites import Direction, FoldDecision, SkipCode
+
+__all__ = ["fold_onnx", "fold_file"]
+
+_DIRECTIONS = ("backward", "forward", "both")
+
+
+def fold_onnx(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    *,
+    direction: str = "both",
+    inplace: bool = False,
+) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold the BatchNormalization nodes of an ONNX model.
+
+    Args:
+        model: a ``ModelProto``, or the path of an ``.onnx`` file (loaded with its external
+            data).
+        direction: ``"backward"`` (into the producer), ``"forward"`` (into the consumer) or
+            ``"both"`` (backward first).
+        inplace: edit the given ``ModelProto`` instead of a copy.
+
+    Returns:
+        ``(folded_model, report)``; the report has one decision per BN, in graph order.
+
+    Raises:
+        BadInputError: an unknown direction, or a path that is not a readable ONNX model.
+    """
+    if direction not in _DIRECTIONS:
+        raise BadInputError(f"direction must be backward, forward or both, not {direction!r}")
+    if isinstance(model, (str, os.PathLike)):
+        label = str(model)
+        proto = load_onnx(model)
+    elif isinstance(model, onnx.ModelProto):
+        label = model.graph.name or "model"
+        if inplace:
+            proto = model
+        else:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)
+    else:
+        raise BadInputError(
+            f"expected an onnx.ModelProto or an .onnx path, got {type(model).__name__}"
+        )
+    report = FoldReport(model=label, framework="onnx")
+    report.decisions = _fold_graph(proto, direction)
+    return proto, report
+
+
+def fold_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    direction: str = "both",
+    external_data: bool | None = None,
+) -> FoldReport:
+    """Fold an ONNX file into a new file, written atomically.
+
+    Args:
+        src: the input model.
+        dst: the output path; must differ from ``src``.
+        direction: see :func:`fold_onnx`.
+        external_data: True/False forces the output layout; None keeps the input's (external
+            data when the input had it, or when the model exceeds 2 GB).
+
+    Returns:
+        The fold report.
+    """
+    if direction not in _DIRECTIONS:
+        raise BadInputError(f"direction must be backward, forward or both, not {direction!r}")
+    out = check_output_path(dst, src)
+    loaded = load_onnx_info(src)
+    model, report = fold_onnx(loaded.model, direction=direction, inplace=True)
+    report.model = str(src)
+    save_onnx(model, out, external_data=external_data or (loaded.external_data or None))
+    return report
+
+
+def _bn_names(nodes: list[onnx.NodeProto]) -> dict[int, str]:
+    """A unique report name per BN: its node name, or ``BatchNormalization_<k>``."""
+    taken = {n.name for n in nodes if n.name}
+    names: dict[int, str] = {}
+    k = 0
+    for n in nodes:
+        if n.op_type != "BatchNormalization" or n.domain not in ("", "ai.onnx"):
+            continue
+        if n.name:
+            names[id(n)] = n.name
+        else:
+            while f"BatchNormalization_{k}" in taken:
+                k += 1
+            names[id(n)] = f"BatchNormalization_{k}"
+            taken.add(names[id(n)])
+            n.name = names[id(n)]
+    return names
+
+
+def _fold_graph(model: onnx.ModelProto, direction: str) -> list[FoldDecision]:
+    nodes = list(model.graph.node)
+    names = _bn_names(nodes)
+    if not names:
+        return []
+    g = GraphIndex(model)
+    rewriter = Rewriter(g)
+    decisions = []
+    for node in nodes:
+        if id(node) in names:
+            decisions.append(_decide(g, rewriter, node, names[id(node)], direction))
+    g.commit()
+    return decisions
+
+
+def _decide(
+    g: GraphIndex, rewriter: Rewriter, bn: onnx.NodeProto, name: str, direction: str
+) -> FoldDecision:
+    """Fold ``bn`` if a permitted direction passes every guard; else say why not."""
+    tried: list[tuple[Site, tuple[SkipCode, str] | None]] = []
+    for d in (Direction.BACKWARD, Direction.FORWARD):
+        site = backward_site(g, bn, name) if d is Direction.BACKWARD else forward_site(g, bn, name)
+        verdict = check(site.facts)
+        allowed = direction in ("both", d.value)
+        if verdict is None and allowed:
+            return rewriter.apply(site)
+        tried.append((site, verdict))
+    back, fwd = tried
+    for site, verdict in tried:
+        if verdict is None:  # foldable only in the direction that was not allowed
+            return FoldDecision.skip(
+                name,
+                SkipCode.DIRECTION_DISABLED,
+                f"BN could fold {site.direction.value} into {site.facts.partner}, but "
+                f"direction={direction} was asked for",
+            )
+    if direction == "forward":
+        chosen = fwd[1]
+    elif direction == "backward":
+        chosen = back[1]
+    else:
+        chosen = fwd[1] if back[1] and back[1][0] is SkipCode.NO_PARTNER else back[1]
+    assert chosen is not None
+    code, reason = chosen
+    return FoldDecision.skip(name, code, reason)
+
+
+def default_output(src: str | os.PathLike[str]) -> Path:
+    """``model.onnx`` -> ``model.folded.onnx`` next to it."""
+    p = Path(src)
+    return p.with_name(p.stem + ".folded" + p.suffix)

@@ -1,0 +1,275 @@
+"""Apply one fold to the graph: new parameters from :mod:`bnfold.foldmath`, then rewiring.
+
+Parameters are never edited in place: each fold writes new initializers named
+``<source>__bnfold_<bn>`` (unique in the graph), points the partner at them, and removes the
+old ones only when nothing else reads them. A weight shared with another node therefore keeps
+its value for that node (copy on write).
+
+Backward, the partner (or the Add after a MatMul) takes over the BN's output name, so every
+reader downstream is unchanged. Forward, the partner (or the Flatten before it) reads the BN's
+input instead of its output. A MatMul has no bias, so a fold that creates one adds an ``Add``
+right after it, which takes over the MatMul's output name.
+
+Folds of a chain (Conv -> BN -> BN) start from the float64 result of the previous fold rather
+than from its rounded initializers, so the final parameters are rounded once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from bnfold import foldmath
+from bnfold.onnxfold.discover import Site, bias_input
+from bnfold.onnxfold.graph import GraphIndex, attr
+from bnfold.sites import Direction, FoldDecision
+
+__all__ = ["Rewriter"]
+
+
+class Rewriter:
+    """Applies folds to one indexed graph, remembering exact float64 results for chains."""
+
+    def __init__(self, g: GraphIndex) -> None:
+        self.g = g
+        #: new initializer name -> its float64 value before rounding (only while a chain
+        #: may still extend it)
+        self.exact: dict[str, np.ndarray] = {}
+        #: new initializer name -> the original parameter names it derives from
+        self.origin: dict[str, list[str]] = {}
+
+    # ---- values ----------------------------------------------------------------------------
+
+    def _value64(self, name: str) -> np.ndarray:
+        if name in self.exact:
+            return self.exact[name]
+        value = self.g.constant(name)
+        if value is None:  # the guards checked constness; this is a broken invariant
+            raise RuntimeError(f"parameter {name} is not a constant")
+        return np.asarray(value, dtype=np.float64)
+
+    def _dtype_of(self, name: str) -> np.dtype:
+        info = self.g.value_info(name)
+        if info is None:  # guards checked the dtype; a constant always has one
+            return np.asarray(self.g.constant(name)).dtype
+        return info.np_dtype
+
+    def _sources(self, name: str) -> list[str]:
+        return list(self.origin.get(name, [name]))
+
+    def _affine(self, bn: onnx.NodeProto) -> tuple[foldmath.Affine, list[str]]:
+        _, scale, bias, mean, var = bn.input[:5]
+        eps = float(attr(bn, "epsilon", 1e-5))
+        affine = foldmath.bn_affine(
+            self._value64(mean),
+            self._value64(var),
+            eps,
+            self._value64(scale),
+            self._value64(bias),
+        )
+        return affine, [scale, bias, mean, var]
+
+    def _write(
+        self,
+        base: str,
+        bn_name: str,
+        value64: np.ndarray,
+        dtype: np.dtype,
+        sources: list[str],
+        like: str | None,
+        keep_exact: bool,
+    ) -> str:
+        """Round ``value64`` once into ``dtype`` and add it as a new initializer."""
+        root = self.origin.get(base, [base])[0]  # a chain names the original, not a copy
+        name = self.g.unique_name(f"{root}__bnfold_{bn_name}")
+        like_proto = self.g.tensor_proto(like) if like else None
+        self.g.add_initializer(name, foldmath.round_to(value64, dtype), like_proto)
+        self.origin[name] = list(dict.fromkeys(sources))
+        if keep_exact:
+            self.exact[name] = value64
+        return name
+
+    # ---- folds -----------------------------------------------------------------------------
+
+    def apply(self, site: Site) -> FoldDecision:
+        """Fold ``site`` (already approved by the guards) and describe the result."""
+        if site.direction is Direction.BACKWARD:
+            return self._backward(site)
+        return self._forward(site)
+
+    def _backward(self, site: Site) -> FoldDecision:
+        g, bn, p = self.g, site.bn, site.partner
+        assert p is not None
+        affine, bn_params = self._affine(bn)
+        x, y = bn.input[0], bn.output[0]
+        op = p.op_type
+        w_name = p.input[1]
+        w_dtype = self._dtype_of(w_name)
+        old_bias: str | None = None
+        if site.add is not None:
+            old_bias = bias_input(site.add, p)
+        elif len(p.input) > 2 and p.input[2]:
+            old_bias = p.input[2]
+        bias64 = None if old_bias is None else self._value64(old_bias)
+        w64 = self._value64(w_name)
+        if op in ("Conv", "ConvTranspose"):
+            layout = foldmath.CONV if op == "Conv" else foldmath.CONV_TRANSPOSE
+            new_w, new_b = foldmath.fold_backward(
+                w64, bias64, affine, layout.with_groups(int(attr(p, "group", 1)))
+            )
+        elif op == "Gemm":
+            new_w, new_b = foldmath.fold_gemm_backward(
+                w64,
+                bias64,
+                affine,
+                alpha=float(attr(p, "alpha", 1.0)),
+                beta=float(attr(p, "beta", 1.0)),
+                trans_b=bool(attr(p, "transB", 0)),
+            )
+            _set_float(p, "alpha", 1.0)
+            _set_float(p, "beta", 1.0)
+        else:  # MatMul, with or without an Add holding its bias
+            bias_flat = None
+            if bias64 is not None:
+                bias_flat = np.broadcast_to(bias64, (affine.channels,))
+            new_w, new_b = foldmath.fold_backward(w64, bias_flat, affine, foldmath.MATMUL)
+        # A chain continues when another BN reads this fold's output.
+        chain = any(n.op_type == "BatchNormalization" for n in g.users(y))
+        b_dtype = self._dtype_of(old_bias) if old_bias else w_dtype
+        new_w_name = self._write(
+            w_name, site.name, new_w, w_dtype, [*self._sources(w_name), *bn_params], w_name, chain
+        )
+        b_base = old_bias or f"{w_name}_bias"
+        b_sources = [*self._sources(old_bias), *bn_params] if old_bias else bn_params
+        new_b_name = self._write(
+            b_base, site.name, new_b, b_dtype, b_sources, old_bias or w_name, chain
+        )
+        dead = [w_name, *bn.input[1:]] + ([old_bias] if old_bias else [])
+
+        g.replace_input(p, w_name, new_w_name)
+        out_node = p
+        if site.add is not None:
+            g.replace_input(site.add, old_bias, new_b_name)  # type: ignore[arg-type]
+            out_node = site.add
+        elif op == "MatMul":
+            mid = g.unique_name(f"{p.output[0]}__bnfold_matmul")
+            old_out = p.output[0]
+            g.set_output(p, 0, mid)
+            add = helper.make_node(
+                "Add", [mid, new_b_name], [old_out], name=g.unique_name(f"{site.name}__bnfold_add")
+            )
+            g.insert_after(p, add)
+            out_node = add
+        elif old_bias is not None:
+            g.replace_input(p, old_bias, new_b_name)
+        else:
+            while len(p.input) < 2:
+                p.input.append("")
+            p.input.append(new_b_name)
+            g.consumers[new_b_name].append(p)
+        g.remove_node(bn)
+        for i in bn.input:
+            g.consumers[i] = [n for n in g.consumers[i] if n is not bn]
+        g.set_output(out_node, 0, y)
+        g.remove_dead(dead)
+        # What still reads x reads only its shape or dtype (the guards saw to that), which y
+        # shares: point it there, since x no longer exists.
+        for reader in g.users(x):
+            g.replace_input(reader, x, y)
+        self._forget(w_name, old_bias)
+        return FoldDecision.fold(
+            site.name,
+            Direction.BACKWARD,
+            site.facts.partner or op,
+            params={new_w_name: self.origin[new_w_name], new_b_name: self.origin[new_b_name]},
+            tensor=y,
+        )
+
+    def _forward(self, site: Site) -> FoldDecision:
+        g, bn, q = self.g, site.bn, site.partner
+        assert q is not None
+        affine, bn_params = self._affine(bn)
+        x, y = bn.input[0], bn.output[0]
+        op = q.op_type
+        w_name = q.input[1]
+        w_dtype = self._dtype_of(w_name)
+        old_bias = q.input[2] if len(q.input) > 2 and q.input[2] else None
+        bias64 = None if old_bias is None else self._value64(old_bias)
+        w64 = self._value64(w_name)
+        if op == "Conv":
+            layout = foldmath.CONV.with_groups(int(attr(q, "group", 1)))
+            new_w, new_b = foldmath.fold_forward(w64, bias64, affine, layout)
+        elif op == "Gemm":
+            new_w, new_b = foldmath.fold_gemm_forward(
+                w64,
+                bias64,
+                affine,
+                alpha=float(attr(q, "alpha", 1.0)),
+                beta=float(attr(q, "beta", 1.0)),
+                trans_b=bool(attr(q, "transB", 0)),
+                repeat=site.repeat,
+            )
+            _set_float(q, "alpha", 1.0)
+            _set_float(q, "beta", 1.0)
+        else:
+            new_w, new_b = foldmath.fold_forward(
+                w64, None, affine, foldmath.MATMUL, repeat=site.repeat
+            )
+        b_dtype = self._dtype_of(old_bias) if old_bias else w_dtype
+        out = q.output[0]
+        chain = any(n.op_type == "BatchNormalization" for n in g.users(out))
+        new_w_name = self._write(
+            w_name, site.name, new_w, w_dtype, [*self._sources(w_name), *bn_params], w_name, chain
+        )
+        b_base = old_bias or f"{w_name}_bias"
+        b_sources = [*self._sources(old_bias), *bn_params] if old_bias else bn_params
+        new_b_name = self._write(
+            b_base, site.name, new_b, b_dtype, b_sources, old_bias or w_name, chain
+        )
+        dead = [w_name, *bn.input[1:]] + ([old_bias] if old_bias else [])
+
+        g.replace_input(q, w_name, new_w_name)
+        if op == "MatMul":
+            mid = g.unique_name(f"{out}__bnfold_matmul")
+            g.set_output(q, 0, mid)
+            add = helper.make_node(
+                "Add", [mid, new_b_name], [out], name=g.unique_name(f"{site.name}__bnfold_add")
+            )
+            g.insert_after(q, add)
+        elif old_bias is not None:
+            g.replace_input(q, old_bias, new_b_name)
+        else:
+            q.input.append(new_b_name)
+            g.consumers[new_b_name].append(q)
+        reader = site.flatten if site.flatten is not None else q
+        g.replace_input(reader, y, x)
+        g.remove_node(bn)
+        for i in bn.input:
+            g.consumers[i] = [n for n in g.consumers[i] if n is not bn]
+        g.remove_dead(dead)
+        for shape_reader in g.users(y):  # shape/dtype readers only; x has y's shape and dtype
+            g.replace_input(shape_reader, y, x)
+        self._forget(w_name, old_bias)
+        return FoldDecision.fold(
+            site.name,
+            Direction.FORWARD,
+            site.facts.partner or op,
+            params={new_w_name: self.origin[new_w_name], new_b_name: self.origin[new_b_name]},
+            tensor=out,
+        )
+
+    def _forget(self, *names: str | None) -> None:
+        """Drop float64 copies of parameters a fold has replaced."""
+        for n in names:
+            if n:
+                self.exact.pop(n, None)
+
+
+def _set_float(node: onnx.NodeProto, name: str, value: float) -> None:
+    """Set a float attribute, adding it when absent."""
+    for a in node.attribute:
+        if a.name == name:
+            a.f = value
+            return
+    node.attribute.append(helper.make_attribute(name, value))
