@@ -1,0 +1,240 @@
+"""``fold_torch`` and ``fold_file``: capture, judge every BN, fold, hand back a model.
+
+Order: every BN is first tried *backward* (into the layer that computes its input) in graph
+order, so chains such as Conv -> BN -> BN collapse one BN at a time; the BNs left are then
+tried *forward* (into the layer reading their output) in reverse graph order, so
+BN -> BN -> Conv collapses from the Conv outwards. Each fold re-reads the graph, so a second
+fold into the same layer starts from the first one's parameters.
+
+What comes back:
+
+- an ``nn.Module`` whose folds all joined a BN *module* to a Conv/Linear *module* comes back
+  as a copy of itself (same class and methods; other layers keep their ``state_dict`` names)
+  with the layer parameters updated and the folded BN modules replaced by ``nn.Identity``;
+- otherwise (a functional ``F.batch_norm`` or ``F.conv2d`` fold, a GraphModule input, or a
+  module that needed torch.export) the rewritten ``torch.fx.GraphModule``;
+- an ``ExportedProgram`` input comes back as a new ExportedProgram (exported from the folded
+  graph with the program's example inputs; dynamic dimensions are not carried over).
+
+``inplace=True`` edits the given ``nn.Module`` (when the result can be that module) or the
+given GraphModule; an ExportedProgram is never edited in place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from bnfold.atomic import atomic_path, check_writable
+from bnfold.errors import BadInputError
+from bnfold.guards import check
+from bnfold.report import FoldReport
+from bnfold.sites import Direction, FoldDecision, SkipCode
+from bnfold.torchfold.capture import Captured, capture
+from bnfold.torchfold.discover import Site, backward_site, forward_site, usage_map
+from bnfold.torchfold.load import load_torch, require_foldable
+from bnfold.torchfold.ops import ParamRef, as_batchnorm, is_bn_module
+from bnfold.torchfold.rewrite import apply_fold, prune
+
+__all__ = ["fold_torch", "fold_file", "fold_graph", "count_batchnorms"]
+
+
+def _judge(site: Site) -> tuple[SkipCode, str] | None:
+    return check(site.facts)
+
+
+def _site(node: fx.Node, gm: fx.GraphModule, direction: Direction) -> Site | None:
+    bn = as_batchnorm(node, gm)
+    if bn is None:
+        return None
+    make = backward_site if direction is Direction.BACKWARD else forward_site
+    return make(bn, gm, usage_map(gm))
+
+
+def _skip(
+    name: str,
+    backward: tuple[SkipCode, str] | None,
+    forward: tuple[SkipCode, str] | None,
+) -> FoldDecision:
+    """Pick the more informative reason: one that names a real neighbour, backward first."""
+    options = [r for r in (backward, forward) if r is not None]
+    named = [r for r in options if r[0] is not SkipCode.NO_PARTNER]
+    code, reason = (named or options)[0]
+    return FoldDecision.skip(name, code, reason)
+
+
+def fold_graph(
+    gm: fx.GraphModule, direction: str = "both"
+) -> tuple[list[FoldDecision], list[Site]]:
+    """Fold every exact site of ``gm`` in place.
+
+    Returns:
+        the decisions (one per BN, in graph order) and the sites that were folded.
+    """
+    bn_nodes = [n for n in gm.graph.nodes if as_batchnorm(n, gm) is not None]
+    names = {n: as_batchnorm(n, gm).name for n in bn_nodes}  # type: ignore[union-attr]
+    want_back = direction in ("backward", "both")
+    want_fwd = direction in ("forward", "both")
+    decisions: dict[fx.Node, FoldDecision] = {}
+    reasons: dict[fx.Node, dict[Direction, tuple[SkipCode, str] | None]] = {n: {} for n in bn_nodes}
+    folded: list[Site] = []
+    origin: dict[str, list[str]] = {}
+    passes = [
+        (Direction.BACKWARD, bn_nodes, want_back),
+        (Direction.FORWARD, bn_nodes[::-1], want_fwd),
+    ]
+    for way, order, wanted in passes:
+        for node in order:
+            if node in decisions:
+                continue
+            site = _site(node, gm, way)
+            assert site is not None
+            result = _judge(site)
+            reasons[node][way] = result
+            if result is None and wanted:
+                decisions[node] = apply_fold(site, gm, origin)
+                folded.append(site)
+    for node in bn_nodes:
+        if node in decisions:
+            continue
+        back, fwd = reasons[node].get(Direction.BACKWARD), reasons[node].get(Direction.FORWARD)
+        if not want_fwd and fwd is None and back is not None:
+            decisions[node] = FoldDecision.skip(
+                names[node],
+                SkipCode.DIRECTION_DISABLED,
+                "the BN can be folded forward into the layer after it, but only backward "
+                "folding was requested",
+            )
+        elif not want_back and back is None and fwd is not None:
+            decisions[node] = FoldDecision.skip(
+                names[node],
+                SkipCode.DIRECTION_DISABLED,
+                "the BN can be folded backward into the layer before it, but only forward "
+                "folding was requested",
+            )
+        else:
+            decisions[node] = _skip(names[node], back, fwd)
+    return [decisions[n] for n in bn_nodes], folded
+
+
+def count_batchnorms(model: Any) -> int:
+    """BatchNorms left in a module, GraphModule or ExportedProgram (modules and graph ops)."""
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    if isinstance(model, fx.GraphModule):
+        return sum(1 for n in model.graph.nodes if as_batchnorm(n, model) is not None)
+    return sum(1 for m in model.modules() if is_bn_module(m))
+
+
+def _module_result(cap: Captured, folded: list[Site]) -> bool:
+    return cap.kind == "module" and all(
+        s.bn.module is not None and s.layer is not None and s.layer.module is not None
+        for s in folded
+    )
+
+
+def _transplant(model: nn.Module, root: nn.Module, decisions: list[FoldDecision]) -> None:
+    """Copy folded parameters from ``root`` (the traced copy) into the user's ``model``."""
+    for d in decisions:
+        if not d.folded:
+            continue
+        for name in d.params:
+            ref = ParamRef.from_target(name)
+            value = ref.get(root)
+            assert isinstance(value, nn.Parameter)
+            model.get_submodule(ref.owner).register_parameter(ref.attr, value)
+        model.set_submodule(d.bn, nn.Identity())
+
+
+def fold_torch(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    direction: str = "both",
+    inplace: bool = False,
+) -> tuple[Any, FoldReport]:
+    """Fold every exactly foldable BatchNorm of a PyTorch model.
+
+    Args:
+        model: an ``nn.Module``, ``torch.fx.GraphModule`` or ``torch.export.ExportedProgram``.
+        example_inputs: a tensor or tuple of tensors. They give the shapes that prove channel
+            axes: without them, a Linear -> BatchNorm1d pair (or any pair whose ranks the
+            module types do not pin down) is skipped as ``unknown-shape``.
+        direction: ``backward``, ``forward`` or ``both``.
+        inplace: edit the given model (see the module docstring for what that covers).
+
+    Returns:
+        ``(folded, report)``; the report holds one decision per BN.
+    """
+    if direction not in ("backward", "forward", "both"):
+        raise BadInputError(f"direction must be backward, forward or both, not {direction!r}")
+    cap = capture(model, example_inputs, inplace=inplace)
+    decisions, folded = fold_graph(cap.gm, direction)
+    name = type(model).__name__
+    report = FoldReport(model=name, framework="torch", decisions=decisions)
+    if _module_result(cap, folded):
+        assert cap.root is not None
+        if inplace and isinstance(model, nn.Module):
+            _transplant(model, cap.root, decisions)
+            return model, report
+        for site in folded:
+            assert site.bn.module is not None
+            cap.root.set_submodule(site.bn.module, nn.Identity())
+        return cap.root, report
+    prune(cap.gm)
+    if cap.from_program:
+        assert cap.example is not None
+        return torch.export.export(cap.gm, cap.example), report
+    return cap.gm, report
+
+
+def fold_file(
+    src: str,
+    dst: Path,
+    *,
+    direction: str = "both",
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> FoldReport:
+    """Fold a PyTorch model file (or reference model name) and write a ``.pt2`` atomically.
+
+    Args:
+        src: a ``.pt2``, TorchScript or pickled-module file, or a :mod:`bnfold.models` name.
+        dst: where to write the folded ExportedProgram (``torch.export.save``).
+        direction: ``backward``, ``forward`` or ``both``.
+        allow_pickle: accept a pickled whole-module file (unpickling runs its code).
+        progress: show a progress bar on stderr.
+
+    Raises:
+        BadInputError: unreadable input, an output path equal to the input or unwritable, or
+            a model without example inputs to export with.
+        UnsupportedModelError: TorchScript input, or a model that cannot be captured.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    dst = Path(dst)
+    inputs = (Path(src),) if Path(src).exists() else ()
+    check_writable(dst, inputs=inputs)
+    with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
+        task = bar.add_task("loading", total=3)
+        model, example = load_torch(src, allow_pickle=allow_pickle)
+        require_foldable(model, src)
+        bar.update(task, advance=1, description="folding")
+        folded, report = fold_torch(model, example, direction=direction)
+        report.model = src
+        bar.update(task, advance=1, description="saving")
+        if not isinstance(folded, torch.export.ExportedProgram):
+            if example is None:
+                raise BadInputError(
+                    f"{src} has no example inputs to export the folded model with; save it as "
+                    "a .pt2 ExportedProgram (which stores them) and fold that"
+                )
+            folded = torch.export.export(folded, example)
+        with atomic_path(dst, suffix=".pt2") as tmp:
+            torch.export.save(folded, str(tmp))
+        bar.update(task, advance=1)
+    return report

@@ -1,0 +1,438 @@
+"""Read fx nodes as BatchNorms and as foldable layers, whatever form they were traced in.
+
+One graph can spell the same operation three ways: a ``call_module`` of an ``nn.Conv2d`` (fx
+symbolic tracing keeps modules), a ``call_function`` of ``F.conv2d`` on ``get_attr`` weights
+(functional code), or an aten op (``aten.conv2d.default``, ``aten.convolution.default``) in a
+graph that came from ``torch.export``. This module turns each into one small record,
+:class:`Layer` or :class:`BatchNorm`, whose parameters are :class:`ParamRef` (an owner module
+path and an attribute), so discovery and rewriting never look at the spelling again.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = [
+    "ParamRef",
+    "Layer",
+    "BatchNorm",
+    "as_layer",
+    "as_batchnorm",
+    "flatten_repeat",
+    "shape_of",
+    "is_bn_module",
+]
+
+aten = torch.ops.aten
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONVT_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "output_padding",
+    "groups",
+    "dilation",
+)
+_CONVOLUTION_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+)
+_LINEAR_ARGS = ("input", "weight", "bias")
+_DEFAULTS: dict[str, Any] = {
+    "bias": None,
+    "stride": 1,
+    "padding": 0,
+    "dilation": 1,
+    "groups": 1,
+    "output_padding": 0,
+    "weight": None,
+    "training": False,
+    "momentum": 0.1,
+    "eps": 1e-5,
+    "running_mean": None,
+    "running_var": None,
+}
+
+# function -> (argument names, kind, spatial dims)
+_LAYER_FUNCTIONS: dict[Any, tuple[tuple[str, ...], str, int]] = {
+    F.conv1d: (_CONV_ARGS, "conv", 1),
+    F.conv2d: (_CONV_ARGS, "conv", 2),
+    F.conv3d: (_CONV_ARGS, "conv", 3),
+    F.conv_transpose1d: (_CONVT_ARGS, "conv_transpose", 1),
+    F.conv_transpose2d: (_CONVT_ARGS, "conv_transpose", 2),
+    F.conv_transpose3d: (_CONVT_ARGS, "conv_transpose", 3),
+    F.linear: (_LINEAR_ARGS, "linear", 0),
+    aten.conv1d.default: (_CONV_ARGS, "conv", 1),
+    aten.conv2d.default: (_CONV_ARGS, "conv", 2),
+    aten.conv3d.default: (_CONV_ARGS, "conv", 3),
+    aten.conv_transpose1d.default: (_CONVT_ARGS, "conv_transpose", 1),
+    aten.conv_transpose2d.input: (_CONVT_ARGS, "conv_transpose", 2),
+    aten.conv_transpose3d.input: (_CONVT_ARGS, "conv_transpose", 3),
+    aten.linear.default: (_LINEAR_ARGS, "linear", 0),
+    aten.convolution.default: (_CONVOLUTION_ARGS, "convolution", -1),
+}
+
+_BN_F = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_BN_ATEN = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+_BN_LEGIT = ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps")
+# function -> (argument names, returns a tuple whose item 0 is the output)
+_BN_FUNCTIONS: dict[Any, tuple[tuple[str, ...], bool]] = {
+    F.batch_norm: (_BN_F, False),
+    torch.batch_norm: (_BN_ATEN, False),
+    aten.batch_norm.default: (_BN_ATEN, False),
+    aten.native_batch_norm.default: (_BN_ATEN, True),
+    aten._native_batch_norm_legit_no_training.default: (_BN_LEGIT, True),
+}
+
+_FLATTEN_FUNCTIONS = (torch.flatten, aten.flatten.using_ints)
+_RESHAPE_FUNCTIONS = (
+    torch.reshape,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+)
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A tensor stored as attribute ``attr`` of the submodule at path ``owner``."""
+
+    owner: str
+    attr: str
+
+    @property
+    def name(self) -> str:
+        """The tensor's ``state_dict`` name."""
+        return f"{self.owner}.{self.attr}" if self.owner else self.attr
+
+    @classmethod
+    def from_target(cls, target: str) -> ParamRef:
+        owner, _, attr = target.rpartition(".")
+        return cls(owner, attr)
+
+    def get(self, root: nn.Module) -> torch.Tensor | None:
+        return getattr(root.get_submodule(self.owner), self.attr, None)
+
+    def set(self, root: nn.Module, value: torch.Tensor, *, parameter: bool) -> None:
+        """Store ``value`` under this name, replacing the old tensor object (never in place:
+        the old one may be shared with a module the caller still uses)."""
+        owner = root.get_submodule(self.owner)
+        if parameter:
+            old = getattr(owner, self.attr, None)
+            grad = old.requires_grad if isinstance(old, nn.Parameter) else True
+            if self.attr in owner._buffers:
+                del owner._buffers[self.attr]
+            owner.register_parameter(self.attr, nn.Parameter(value, requires_grad=grad))
+        else:
+            if self.attr in owner._parameters:
+                del owner._parameters[self.attr]
+            owner.register_buffer(self.attr, value)
+
+
+@dataclass
+class Layer:
+    """A Conv, ConvTranspose or Linear application that a BN can be folded into.
+
+    Attributes:
+        node: the fx node computing the layer.
+        kind: ``conv``, ``conv_transpose`` or ``linear``.
+        op: a readable name for messages (module path and class, or the function).
+        module: the module path when the node is a ``call_module``.
+        weight / bias: where the parameters live (None: not a stored tensor, or no bias).
+        bias_arg: True when the layer takes a bias argument that is absent (may be added).
+        non_constant: argument names whose values are computed or graph inputs.
+        spatial: spatial dims (0 for Linear).
+        groups: convolution groups.
+        zero_padding: the zero padding amounts, or None when none is added.
+        padding_mode: ``zeros``, ``reflect``, ``replicate`` or ``circular``.
+    """
+
+    node: fx.Node
+    kind: Literal["conv", "conv_transpose", "linear"]
+    op: str
+    module: str | None
+    weight: ParamRef | None
+    bias: ParamRef | None
+    non_constant: list[str] = field(default_factory=list)
+    spatial: int = 0
+    groups: int = 1
+    zero_padding: tuple[int, ...] | None = None
+    padding_mode: str = "zeros"
+
+    @property
+    def site(self) -> str:
+        return self.module or self.node.name
+
+
+@dataclass
+class BatchNorm:
+    """One BatchNorm application.
+
+    Attributes:
+        node: the op node; ``out`` is the node carrying its output (``getitem 0`` for aten
+            ops returning a tuple) and ``trailing`` any other nodes to erase with it.
+        name: the module path for a BN module, else the fx node name.
+        module: the module path when the node is a ``call_module``.
+        input: the node the BN normalises.
+        training: the BN normalises with batch statistics.
+        running_stats: running mean and variance exist.
+        mean / var / gamma / beta: parameter locations (gamma/beta None: ``affine=False``).
+        eps: the variance epsilon.
+        non_constant: statistics or affine parameters that are not stored tensors.
+        unsupported: why this BN cannot be folded whatever its neighbours, or None.
+    """
+
+    node: fx.Node
+    out: fx.Node
+    name: str
+    module: str | None
+    input: fx.Node
+    training: bool
+    running_stats: bool
+    mean: ParamRef | None
+    var: ParamRef | None
+    gamma: ParamRef | None
+    beta: ParamRef | None
+    eps: float
+    trailing: list[fx.Node] = field(default_factory=list)
+    non_constant: list[str] = field(default_factory=list)
+    unsupported: str | None = None
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    """The static shape fx ShapeProp or torch.export recorded for ``node``, or None."""
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    if shape is None:
+        val = node.meta.get("val")
+        shape = getattr(val, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in shape)
+    except (TypeError, ValueError):  # symbolic dims: the rank is still known
+        return tuple(-1 for _ in shape)
+
+
+def _bind(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
+    values = {n: _DEFAULTS.get(n) for n in names}
+    for name, value in zip(names, node.args, strict=False):
+        values[name] = value
+    values.update({k: v for k, v in node.kwargs.items() if k in values})
+    return values
+
+
+def _own_forward(module: nn.Module, base: type) -> bool:
+    """True when the module computes what its torch base class computes."""
+    return type(module).forward in {
+        getattr(cls, "forward", None)
+        for cls in type(module).__mro__
+        if issubclass(cls, base)
+        if cls.__module__.startswith("torch.nn")
+    }
+
+
+def is_bn_module(module: nn.Module) -> bool:
+    return isinstance(module, _BatchNorm)
+
+
+def _tensor_arg(value: Any, name: str, non_constant: list[str]) -> ParamRef | None:
+    if value is None:
+        return None
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        return ParamRef.from_target(str(value.target))
+    non_constant.append(getattr(value, "name", name))
+    return None
+
+
+def _as_tuple(value: Any, n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    return tuple(int(v) for v in value)
+
+
+def _padding(
+    padding: Any, weight: torch.Tensor | None, dilation: Any, spatial: int
+) -> tuple[int, ...]:
+    if isinstance(padding, str):
+        if padding == "valid" or weight is None:
+            return (0,) * spatial if padding == "valid" else (-1,)
+        dil = _as_tuple(dilation, spatial)
+        return tuple(d * (k - 1) for d, k in zip(dil, weight.shape[2:], strict=True))
+    return _as_tuple(padding, spatial)
+
+
+def as_layer(node: fx.Node, root: nn.Module) -> Layer | None:
+    """``node`` as a foldable layer, or None when it is anything else."""
+    if node.op == "call_module":
+        mod = root.get_submodule(str(node.target))
+        path = str(node.target)
+        op = f"{path} ({type(mod).__name__})"
+        if isinstance(mod, nn.Linear) and _own_forward(mod, nn.Linear):
+            bias = ParamRef(path, "bias") if mod.bias is not None else None
+            return Layer(node, "linear", op, path, ParamRef(path, "weight"), bias)
+        if isinstance(mod, _ConvNd) and _own_forward(mod, _ConvNd):
+            spatial = len(mod.kernel_size)
+            kind = "conv_transpose" if mod.transposed else "conv"
+            bias = ParamRef(path, "bias") if mod.bias is not None else None
+            pad = _padding(mod.padding, mod.weight, mod.dilation, spatial)
+            return Layer(
+                node,
+                kind,  # type: ignore[arg-type]
+                op,
+                path,
+                ParamRef(path, "weight"),
+                bias,
+                spatial=spatial,
+                groups=int(mod.groups),
+                zero_padding=pad if any(pad) and mod.padding_mode == "zeros" else None,
+                padding_mode=mod.padding_mode,
+            )
+        return None
+    if node.op != "call_function" or node.target not in _LAYER_FUNCTIONS:
+        return None
+    names, kind, spatial = _LAYER_FUNCTIONS[node.target]
+    args = _bind(node, names)
+    non_constant: list[str] = []
+    weight = _tensor_arg(args["weight"], "weight", non_constant)
+    bias = _tensor_arg(args["bias"], "bias", non_constant)
+    w = weight.get(root) if weight is not None else None
+    if kind == "convolution":
+        kind = "conv_transpose" if args["transposed"] else "conv"
+        spatial = w.dim() - 2 if w is not None else len(_as_tuple(args["stride"], 1))
+    name = getattr(node.target, "__name__", str(node.target))
+    op = f"{node.name} ({name})"
+    if kind == "linear":
+        return Layer(node, "linear", op, None, weight, bias, non_constant)
+    pad = _padding(args["padding"], w, args["dilation"], spatial)
+    return Layer(
+        node,
+        kind,  # type: ignore[arg-type]
+        op,
+        None,
+        weight,
+        bias,
+        non_constant,
+        spatial=spatial,
+        groups=int(args["groups"]),
+        zero_padding=pad if any(pad) else None,
+    )
+
+
+def as_batchnorm(node: fx.Node, root: nn.Module) -> BatchNorm | None:
+    """``node`` as a BatchNorm application, or None."""
+    if node.op == "call_module":
+        mod = root.get_submodule(str(node.target))
+        if not is_bn_module(mod):
+            return None
+        path = str(node.target)
+        stats = mod.running_mean is not None and mod.running_var is not None
+        unsupported = None
+        if not _own_forward(mod, _BatchNorm):
+            unsupported = (
+                f"{type(mod).__name__} overrides forward, so its output is not known to be "
+                "the BatchNorm affine map"
+            )
+        return BatchNorm(
+            node=node,
+            out=node,
+            name=path,
+            module=path,
+            input=node.args[0],  # type: ignore[arg-type]
+            training=bool(mod.training),
+            running_stats=stats,
+            mean=ParamRef(path, "running_mean") if stats else None,
+            var=ParamRef(path, "running_var") if stats else None,
+            gamma=ParamRef(path, "weight") if mod.weight is not None else None,
+            beta=ParamRef(path, "bias") if mod.bias is not None else None,
+            eps=float(mod.eps),
+            unsupported=unsupported,
+        )
+    if node.op != "call_function" or node.target not in _BN_FUNCTIONS:
+        return None
+    names, returns_tuple = _BN_FUNCTIONS[node.target]
+    args = _bind(node, names)
+    non_constant: list[str] = []
+    refs = {k: _tensor_arg(args[k], k, non_constant) for k in ("running_mean", "running_var")}
+    affine = {k: _tensor_arg(args[k], k, non_constant) for k in ("weight", "bias")}
+    out, trailing, unsupported = node, [], None
+    if returns_tuple:
+        firsts = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        others = [u for u in node.users if u not in firsts]
+        if len(firsts) != 1 or any(u.users for u in others):
+            unsupported = "the BN's saved-statistics outputs are used by the graph"
+        if firsts:
+            out = firsts[0]
+        trailing = [u for u in node.users if u is not out]
+    stats = args["running_mean"] is not None and args["running_var"] is not None
+    training = args["training"]
+    if isinstance(training, fx.Node):
+        unsupported = "the BN's training flag is computed at run time"
+    return BatchNorm(
+        node=node,
+        out=out,
+        name=node.name,
+        module=None,
+        input=args["input"],
+        training=training is True,
+        running_stats=stats,
+        mean=refs["running_mean"],
+        var=refs["running_var"],
+        gamma=affine["weight"],
+        beta=affine["bias"],
+        eps=float(args["eps"]),
+        trailing=trailing,
+        non_constant=non_constant,
+        unsupported=unsupported,
+    )
+
+
+def flatten_repeat(node: fx.Node, root: nn.Module, src_shape: tuple[int, ...] | None) -> int | None:
+    """For a node flattening ``(N, C, *rest)`` into ``(N, C * prod(rest))``: ``prod(rest)``.
+
+    None when ``node`` is not such a flatten or the shapes needed to prove it are unknown.
+    """
+    start, end = None, None
+    if node.op == "call_module":
+        mod = root.get_submodule(str(node.target))
+        if type(mod) is nn.Flatten:
+            start, end = mod.start_dim, mod.end_dim
+    elif (node.op == "call_method" and node.target == "flatten") or (
+        node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS
+    ):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    elif (node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ("view", "reshape")
+    ):
+        out = shape_of(node)
+        if src_shape is None or out is None or len(src_shape) < 2 or min(src_shape) < 0:
+            return None
+        if out == (src_shape[0], math.prod(src_shape[1:])):
+            return math.prod(src_shape[2:])
+        return None
+    if start is None or src_shape is None or len(src_shape) < 2:
+        return None
+    ndim = len(src_shape)
+    if start % ndim != 1 or end % ndim != ndim - 1 or min(src_shape[2:], default=1) < 0:
+        return None
+    return math.prod(src_shape[2:])

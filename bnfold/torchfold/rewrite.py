@@ -1,0 +1,156 @@
+"""Apply one fold to an fx graph: new parameters from :mod:`bnfold.foldmath`, BN node removed.
+
+The arithmetic is not here: parameters go to numpy float64, through ``fold_backward`` /
+``fold_forward``, and come back rounded once by ``round_to`` to the dtype the layer stores
+(bfloat16 via float32, which represents every bfloat16 exactly). New tensors *replace* the
+old ones (never an in-place write), so a tensor object the caller still holds keeps its
+values. The BN's output is then rewired to its input and the BN nodes are erased.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import torch
+from torch import fx, nn
+
+from bnfold import foldmath
+from bnfold.sites import Direction, FoldDecision
+from bnfold.torchfold.discover import Site
+from bnfold.torchfold.ops import Layer, ParamRef
+
+__all__ = ["apply_fold", "prune", "to_torch"]
+
+_NUMPY = {
+    torch.float16: np.float16,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+}
+
+
+def to_torch(x64: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``x64`` rounded once to ``like``'s dtype, on ``like``'s device."""
+    if like.dtype == torch.bfloat16:
+        exact = foldmath.round_to(x64, ml_dtypes.bfloat16).astype(np.float32)
+        out = torch.from_numpy(np.ascontiguousarray(exact)).to(torch.bfloat16)
+    else:
+        out = torch.from_numpy(np.ascontiguousarray(foldmath.round_to(x64, _NUMPY[like.dtype])))
+    return out.to(like.device)
+
+
+def _f64(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().to("cpu", torch.float64).numpy()
+
+
+def _layout(layer: Layer) -> foldmath.WeightLayout:
+    if layer.kind == "linear":
+        return foldmath.LINEAR
+    base = foldmath.CONV_TRANSPOSE if layer.kind == "conv_transpose" else foldmath.CONV
+    return base.with_groups(layer.groups)
+
+
+def _bias_ref(layer: Layer, gm: fx.GraphModule) -> ParamRef:
+    """Where a layer without a bias gets one (a get_attr node is added for functional ones)."""
+    if layer.bias is not None:
+        return layer.bias
+    assert layer.weight is not None
+    if layer.module is not None:
+        return ParamRef(layer.module, "bias")
+    owner = gm.get_submodule(layer.weight.owner)
+    base = layer.weight.attr.replace("weight", "bias")
+    attr = base if base != layer.weight.attr else f"{base}_bias"
+    n = 0
+    while hasattr(owner, attr):
+        n += 1
+        attr = f"{base}_{n}"
+    ref = ParamRef(layer.weight.owner, attr)
+    weight = layer.weight.get(gm)
+    ref.set(gm, torch.zeros(0), parameter=isinstance(weight, nn.Parameter))
+    with gm.graph.inserting_before(layer.node):
+        getter = gm.graph.get_attr(ref.name)
+    node = layer.node
+    index = 2  # bias is the third argument of every conv/linear signature handled
+    if len(node.args) > index:
+        node.update_arg(index, getter)
+    else:
+        node.update_kwarg("bias", getter)
+    return ref
+
+
+def apply_fold(site: Site, gm: fx.GraphModule, origin: dict[str, list[str]]) -> FoldDecision:
+    """Fold ``site`` (already judged exact) into ``gm`` and return its decision.
+
+    Args:
+        site: a site whose facts passed :func:`bnfold.guards.check`.
+        gm: the graph module to edit.
+        origin: parameter name -> original parameter names it was computed from; updated
+            here so a second fold into the same layer reports every BN it absorbed.
+    """
+    bn, layer = site.bn, site.layer
+    assert layer is not None and layer.weight is not None
+    get = lambda ref: ref.get(gm) if ref is not None else None  # noqa: E731
+    affine = foldmath.bn_affine(
+        _f64(get(bn.mean)), _f64(get(bn.var)), bn.eps, _f64(get(bn.gamma)), _f64(get(bn.beta))
+    )
+    weight = layer.weight.get(gm)
+    bias = get(layer.bias)
+    layout = _layout(layer)
+    if site.direction is Direction.BACKWARD:
+        w64, b64 = foldmath.fold_backward(_f64(weight), _f64(bias), affine, layout)
+    else:
+        w64, b64 = foldmath.fold_forward(_f64(weight), _f64(bias), affine, layout, site.repeat)
+    scale_names = [r.name for r in (bn.gamma, bn.var) if r is not None]
+    bn_names = [r.name for r in (bn.gamma, bn.beta, bn.mean, bn.var) if r is not None]
+    w_name = layer.weight.name
+    w_origin = origin.get(w_name, [w_name])
+    b_origin = origin.get(layer.bias.name, [layer.bias.name]) if layer.bias is not None else []
+    bias_ref = _bias_ref(layer, gm)
+    is_param = isinstance(weight, nn.Parameter)
+    layer.weight.set(gm, to_torch(w64, weight), parameter=is_param)
+    bias_like = bias if bias is not None else weight
+    bias_ref.set(gm, to_torch(b64, bias_like), parameter=isinstance(bias_like, nn.Parameter))
+    # W' = W * s needs only gamma and var; b' needs the whole BN (and, forward, W as well).
+    w_sources = w_origin + scale_names
+    if site.direction is Direction.BACKWARD:
+        b_sources = b_origin + bn_names
+    else:
+        b_sources = b_origin + w_origin + bn_names
+    origin[w_name] = _unique(w_sources)
+    origin[bias_ref.name] = _unique(b_sources)
+    tensor = bn.out.name if site.direction is Direction.BACKWARD else layer.node.name
+    bn.out.replace_all_uses_with(bn.input)  # type: ignore[arg-type]
+    for node in dict.fromkeys([*bn.trailing, bn.out, bn.node]):
+        if node.graph is gm.graph and not node.users:
+            gm.graph.erase_node(node)
+    return FoldDecision.fold(
+        bn.name,
+        site.direction,
+        layer.site,
+        params={w_name: origin[w_name], bias_ref.name: origin[bias_ref.name]},
+        tensor=tensor,
+    )
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def prune(gm: fx.GraphModule) -> None:
+    """Drop the graph's now unused get_attr nodes, tensors and modules, and recompile."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    live = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    used_modules = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        owner = name.rpartition(".")[0]
+        inside_module = any(owner == m or owner.startswith(m + ".") for m in used_modules)
+        if name not in live and not inside_module:
+            ref = ParamRef.from_target(name)
+            mod = gm.get_submodule(ref.owner)
+            mod._parameters.pop(ref.attr, None)
+            mod._buffers.pop(ref.attr, None)
+    gm.delete_all_unused_submodules()
+    graph.lint()
+    gm.recompile()
