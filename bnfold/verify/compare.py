@@ -98,10 +98,7 @@ def default_tolerance(dtype: np.dtype) -> Tolerance:
 def _pick(arg: ToleranceArg, output: str, what: str) -> float | None:
     if arg is None:
         return None
-    if isinstance(arg, Mapping):
-        value = arg.get(output, arg.get("*"))
-    else:
-        value = arg
+    value = arg.get(output, arg.get("*")) if isinstance(arg, Mapping) else arg
     if value is None:
         return None
     value = float(value)
