@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rich.table import Table
-
 from bnfold.cli.common import console
+from rich.table import Table
 
 __all__ = ["render_verify_report"]
 
