@@ -38,6 +38,8 @@ class Rewriter:
         self.exact: dict[str, np.ndarray] = {}
         #: new initializer name -> the original parameter names it derives from
         self.origin: dict[str, list[str]] = {}
+        #: new initializer name -> the name its own name derives from
+        self.root: dict[str, str] = {}
 
     # ---- values ----------------------------------------------------------------------------
 
@@ -81,8 +83,9 @@ class Rewriter:
         keep_exact: bool,
     ) -> str:
         """Round ``value64`` once into ``dtype`` and add it as a new initializer."""
-        root = self.origin.get(base, [base])[0]  # a chain names the original, not a copy
+        root = self.root.get(base, base)  # a chain names the original, not a copy
         name = self.g.unique_name(f"{root}__bnfold_{bn_name}")
+        self.root[name] = root
         like_proto = self.g.tensor_proto(like) if like else None
         self.g.add_initializer(name, foldmath.round_to(value64, dtype), like_proto)
         self.origin[name] = list(dict.fromkeys(sources))
