@@ -169,7 +169,13 @@ def backward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) 
     facts.partner_axis = _axes(bn, layer, shape, gm)
     facts.bn_axis = 1
     channels, bn_channels = _channels(layer, gm, "out"), _bn_channels(bn, gm)
-    if not facts.unsupported and channels is not None and bn_channels not in (None, channels):
+    axes_match = facts.partner_axis == facts.bn_axis
+    if (
+        axes_match
+        and not facts.unsupported
+        and channels is not None
+        and bn_channels not in (None, channels)
+    ):
         facts.unsupported = f"{layer.op} gives {channels} channels but the BN has {bn_channels}"
     facts.dtype = _dtype_problem(layer, gm)
     return site
@@ -239,6 +245,7 @@ def forward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -
     channels, bn_channels = _channels(layer, gm, "in"), _bn_channels(bn, gm)
     if (
         not facts.unsupported
+        and facts.partner_axis == facts.bn_axis
         and channels is not None
         and bn_channels is not None
         and repeat is not None
