@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from bnfold.cli.common import console
+from rich import box
 from rich.table import Table
 
 __all__ = ["render_verify_report"]
@@ -22,47 +23,41 @@ def _num(x: float, fmt: str = ".3g") -> str:
 
 
 def render_verify_report(report: Any) -> None:
-    """Print one row per provider and output, then the verdict and any localised fold."""
-    table = Table(title=f"verify: {report.candidate} vs {report.reference}", title_justify="left")
-    for col, justify in (
-        ("provider", "left"),
-        ("output", "left"),
-        ("dtype", "left"),
-        ("max abs", "right"),
-        ("max rel", "right"),
-        ("ULP", "right"),
-        ("cosine", "right"),
-        ("SQNR dB", "right"),
-        ("p99 abs", "right"),
-        ("rtol / atol", "right"),
-        ("result", "left"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    """Print one row per provider and output, then tolerances, verdict and any broken fold."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("provider", "output", "max abs", "max rel", "ULP", "1-cos", "SQNR dB", "p99 abs"):
+        table.add_column(col, justify="left" if col in ("provider", "output") else "right")
+    table.add_column("result", no_wrap=True)
+    tolerances: list[str] = []
     for p in report.providers:
         if p.verdict == "not-run":
-            table.add_row(
-                p.provider, "-", "-", "-", "-", "-", "-", "-", "-", "-", "[yellow]not run[/]"
-            )
+            table.add_row(p.provider, "-", "-", "-", "-", "-", "-", "-", "[yellow]not run[/]")
             continue
         for o in p.outputs:
             verdict = "pass" if o.passed else "fail"
             result = f"[{_STYLE[verdict]}]{verdict}[/]"
-            if not o.passed:
-                result += f" ({o.mismatches}/{o.elements})"
             table.add_row(
-                f"{p.provider} ({p.runtime})",
+                p.provider,
                 o.output,
-                o.dtype,
-                _num(o.max_abs),
-                _num(o.max_rel),
+                _num(o.max_abs, ".2g"),
+                _num(o.max_rel, ".2g"),
                 _num(o.max_ulp, ".0f"),
-                _num(o.cosine, ".9f"),
-                _num(o.sqnr_db, ".1f"),
-                _num(o.p99_abs),
-                f"{_num(o.rtol)} / {_num(o.atol)}",
+                _num(1.0 - o.cosine, ".1g"),
+                _num(o.sqnr_db, ".0f"),
+                _num(o.p99_abs, ".2g"),
                 result,
             )
+            tolerances.append(
+                f"{p.provider}/{o.output} {o.dtype}: rtol {_num(o.rtol)}, atol {_num(o.atol)}"
+                + ("" if o.passed else f" ({o.mismatches}/{o.elements} elements outside)")
+            )
+    console.print(f"candidate: {report.candidate}", soft_wrap=True)
+    console.print(f"reference: {report.reference}", soft_wrap=True)
     console.print(table)
+    if tolerances:
+        console.print(
+            "tolerances (|a-b| <= atol + rtol*|b|): " + "; ".join(tolerances), soft_wrap=True
+        )
     for p in report.not_run:
         console.print(f"[yellow]{p.provider} not run:[/] {p.reason}", soft_wrap=True)
     loc = report.localisation
@@ -79,7 +74,6 @@ def render_verify_report(report: Any) -> None:
         console.print(f"note: {note}", soft_wrap=True)
     style = _STYLE[report.verdict]
     console.print(
-        f"[{style}]{report.verdict.upper()}[/] ({report.batches} batch(es); reference: "
-        f"{report.reference})",
+        f"[{style}]{report.verdict.upper()}[/] ({report.batches} batch(es) compared)",
         soft_wrap=True,
     )

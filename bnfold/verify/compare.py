@@ -142,8 +142,12 @@ def ulp_distance(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
         ref = ref.astype(np.float64).astype(dtype) if dtype.name != "bfloat16" else _to_bf16(ref)
     ia = _ordered_ints(candidate)
     ib = _ordered_ints(ref)
-    # float64 distances can pass int64's range between far-apart values: measure in float64.
-    dist = np.abs(ia.astype(np.float64) - ib.astype(np.float64))
+    # Same sign: the int64 difference is exact. Opposite signs: the distance can pass int64's
+    # range (float64), and is then far too large for its last digits to matter.
+    same_sign = (ia >= 0) == (ib >= 0)
+    exact = np.abs(np.where(same_sign, ia - ib, 0)).astype(np.float64)
+    across = np.abs(ia.astype(np.float64)) + np.abs(ib.astype(np.float64))
+    dist = np.where(same_sign, exact, across)
     a_nan = np.isnan(candidate.astype(np.float32) if dtype.name == "bfloat16" else candidate)
     b_nan = np.isnan(ref.astype(np.float32) if dtype.name == "bfloat16" else ref)
     dist[a_nan & b_nan] = 0
