@@ -1,0 +1,216 @@
+"""``bnfold recalibrate``: replace BatchNorm statistics by exact ones measured on data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from bnfold.cli.common import console, guarded
+
+
+def _cast_floats(batch: Any, dtype: Any) -> Any:
+    """Floating numpy/torch arrays in ``batch`` -> torch tensors of the model's dtype."""
+    import torch
+
+    if isinstance(batch, dict):
+        return {k: _cast_floats(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_cast_floats(v, dtype) for v in batch)
+    if type(batch).__module__ == "numpy" and hasattr(batch, "dtype"):
+        batch = torch.from_numpy(batch)
+    if isinstance(batch, torch.Tensor) and batch.is_floating_point():
+        return batch.to(dtype)
+    return batch
+
+
+class _Cast:
+    """Re-iterable view of the data with float inputs cast to the model's dtype."""
+
+    def __init__(self, data: Any, dtype: Any) -> None:
+        self.data, self.dtype = data, dtype
+
+    def __iter__(self) -> Any:
+        for batch in self.data:
+            yield _cast_floats(batch, self.dtype)
+
+
+def _render(report: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title="BatchNorm recalibration", title_justify="left")
+    for col in ("BN", "status", "level", "values/ch", "var before", "var after", "max rel Δvar"):
+        table.add_column(col, justify="left" if col in ("BN", "status") else "right")
+    table.add_column("zero-var ch", justify="right")
+    for b in report.bns:
+        zero = ",".join(map(str, b.zero_variance_channels[:6]))
+        if len(b.zero_variance_channels) > 6:
+            zero += ",…"
+        updated = b.status == "updated"
+        table.add_row(
+            b.name,
+            b.status,
+            str(b.level) if updated else "",
+            f"{b.elements:,}" if updated else "",
+            f"{b.old_var_mean:.4g}" if updated else "",
+            f"{b.new_var_mean:.4g}" if updated else "",
+            f"{b.max_rel_var_change:.3g}" if updated else "",
+            zero,
+        )
+    console.print(table)
+    console.print(report.summary())
+
+
+def _save_torch(model: Any, example: Any, output: Path) -> None:
+    """``.pt2``: an ExportedProgram (needs an example input); ``.pt``/``.pth``: a state_dict."""
+    import torch
+
+    from bnfold.atomic import atomic_path
+    from bnfold.errors import BadInputError, UnsupportedModelError
+
+    suffix = output.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        with atomic_path(output) as tmp:
+            torch.save(model.state_dict(), tmp)
+        return
+    if suffix != ".pt2":
+        raise BadInputError(
+            f"cannot write a torch model to {output.name}; use .pt2 (ExportedProgram) or "
+            ".pt/.pth (state_dict)"
+        )
+    try:
+        program = torch.export.export(model, tuple(example))
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"torch.export cannot export the recalibrated model ({type(e).__name__}); write a "
+            f"state_dict with -o {output.with_suffix('.pt')}"
+        ) from None
+    with atomic_path(output) as tmp:
+        torch.export.save(program, tmp)
+
+
+def recalibrate(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="An .onnx file, or a PyTorch model (reference model name, .pt2 ExportedProgram)."
+        ),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="A .npy/.npz file (samples first), a folder of them, or module:function "
+            "returning an iterable of batches.",
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Where to write the result: .onnx for ONNX input; .pt2 (ExportedProgram) or "
+            ".pt/.pth (state_dict) for a torch model.",
+        ),
+    ],
+    num_samples: Annotated[
+        int | None, typer.Option("--num-samples", help="Use at most this many samples.")
+    ] = None,
+    num_batches: Annotated[
+        int | None, typer.Option("--num-batches", help="Use at most this many batches.")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Samples per batch when reading array files.")
+    ] = 32,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="population: upstream BNs use their new statistics, as at inference (one "
+            "pass per depth level); batch: upstream BNs use batch statistics (one pass, torch).",
+        ),
+    ] = "population",
+    estimator: Annotated[
+        str,
+        typer.Option(
+            "--estimator",
+            help="exact (whole-data mean and unbiased variance) or batch-variance-mean "
+            "(update_bn's equal-weight average, for comparison only).",
+        ),
+    ] = "exact",
+    json: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON here.")
+    ] = None,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr.")
+    ] = True,
+) -> None:
+    """Measure every BatchNorm's exact population statistics on data and store them.
+
+    Exits 0 when the output was written; 2 with a one-line message for bad input (missing
+    file, bad --data, empty data, NaN activations, unwritable output); 4 when the model
+    cannot be processed.
+    """
+
+    def run() -> None:
+        from bnfold.atomic import check_writable, write_text
+        from bnfold.errors import UnsupportedModelError
+        from bnfold.recalib import recalibrate as recalibrate_api
+        from bnfold.recalib.data import load_data_spec
+
+        check_writable(output, inputs=(Path(model),))
+        if json is not None:
+            check_writable(json, inputs=(Path(model), output))
+        batches = load_data_spec(data, batch_size=batch_size)
+        if model.lower().endswith(".onnx"):
+            from bnfold.errors import BadInputError
+            from bnfold.onnx_io import load_onnx, save_onnx
+
+            if output.suffix.lower() != ".onnx":
+                raise BadInputError(f"an ONNX model is written as .onnx, not {output.name}")
+            report = recalibrate_api(
+                load_onnx(model),
+                batches,
+                num_samples=num_samples,
+                num_batches=num_batches,
+                mode=mode,
+                estimator=estimator,
+                progress=progress,
+            )
+            _render(report)
+            save_onnx(report.model, output)
+        else:
+            import torch
+
+            from bnfold.torchfold.load import is_torchscript, load_torch
+
+            loaded, example = load_torch(model)
+            if is_torchscript(loaded):
+                raise UnsupportedModelError(
+                    f"{model} is TorchScript, whose BatchNorms cannot be observed; pass a .pt2 "
+                    "ExportedProgram or a reference model name"
+                )
+            module = loaded.module() if isinstance(loaded, torch.export.ExportedProgram) else loaded
+            dtype = next((p.dtype for p in module.parameters()), torch.float32)
+            report = recalibrate_api(
+                module,
+                _Cast(batches, dtype),
+                num_samples=num_samples,
+                num_batches=num_batches,
+                mode=mode,
+                estimator=estimator,
+                progress=progress,
+            )
+            _render(report)
+            if example is None:
+                from bnfold.recalib.data import first_input
+
+                first = next(iter(_Cast(batches, dtype)))
+                example = (first_input(first),)
+            _save_torch(report.model, example, output)
+        console.print(f"wrote {output}")
+        if json is not None:
+            write_text(json, report.to_json() + "\n")
+            console.print(f"wrote {json}")
+
+    guarded(run)
