@@ -1,11 +1,12 @@
-"""Fixtures of the verification tests: a Conv -> BN chain and its correct fold."""
+"""Fixtures of the verification tests: a Conv -> BN chain and its fold by bnfold.fold."""
 
 from __future__ import annotations
 
 import onnx
 import pytest
-from verify_models import conv_bn_chain, hand_fold
+from verify_models import conv_bn_chain
 
+import bnfold
 from bnfold.report import FoldReport
 
 
@@ -16,4 +17,6 @@ def chain() -> onnx.ModelProto:
 
 @pytest.fixture
 def folded_chain(chain: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
-    return hand_fold(chain)
+    folded, report = bnfold.fold(chain)
+    assert len(report.folded) == 4
+    return folded, report

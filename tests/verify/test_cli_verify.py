@@ -8,11 +8,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import typer
-from typer.testing import CliRunner
-from verify_models import perturb
-
 from bnfold.cli import verify as verify_cmd
 from bnfold.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PROVIDER
+from typer.testing import CliRunner
+from verify_models import perturb
 
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command("verify")(verify_cmd.verify)
@@ -33,7 +32,7 @@ def files(tmp_path, chain, folded_chain):
     }
     onnx.save(chain, paths["orig"])
     onnx.save(folded, paths["folded"])
-    onnx.save(perturb(folded, "w1", 1e-3), paths["broken"])
+    onnx.save(perturb(folded, "conv1", 1e-3), paths["broken"])
     paths["report"].write_text(report.to_json())
     return {k: str(v) for k, v in paths.items()}
 
@@ -55,9 +54,7 @@ def test_pass_writes_table_and_json(files, tmp_path):
 
 def test_fail_exits_1_and_names_the_fold(files, tmp_path):
     out = tmp_path / "report.json"
-    res = _run(
-        files["orig"], files["broken"], "--fold-report", files["report"], "--json", str(out)
-    )
+    res = _run(files["orig"], files["broken"], "--fold-report", files["report"], "--json", str(out))
     assert res.exit_code == EXIT_FAILED, res.output
     assert "first differing fold: bn1 -> conv1" in res.output
     assert json.loads(out.read_text())["localisation"]["bn"] == "bn1"

@@ -33,7 +33,7 @@ def test_symbolic_dims():
     assert resolve_shape(IMG, None) == (1, 3, 4, 4)  # leading symbolic dim defaults to 1
     assert resolve_shape(IMG, (6, 3, 4, 4)) == (6, 3, 4, 4)
     seq = InputSpec("tokens", np.dtype(np.int64), ("batch", "seq"))
-    with pytest.raises(BadInputError, match="'seq' at axis 1.*--shape tokens:NxN"):
+    with pytest.raises(BadInputError, match=r"'seq' at axis 1.*--shape tokens:NxN"):
         resolve_shape(seq, None)
     unnamed = InputSpec("x", np.dtype(np.float32), (2, None))
     with pytest.raises(BadInputError, match="dim 1"):
@@ -59,7 +59,7 @@ def test_generated_batches_are_seeded_and_typed():
     assert not np.array_equal(a[0]["input"], a[1]["input"])
     assert a[0]["input"].shape == (2, 3, 4, 4) and a[0]["input"].dtype == np.float32
     assert a[0]["half"].dtype == np.float16
-    assert a[0]["ids"].dtype == np.int64 and 0 <= a[0]["ids"].min() and a[0]["ids"].max() < 4
+    assert a[0]["ids"].dtype == np.int64 and a[0]["ids"].min() >= 0 and a[0]["ids"].max() < 4
     assert a[0]["mask"].dtype == np.bool_ and a[0]["mask"].any() and not a[0]["mask"].all()
     with pytest.raises(BadInputError, match="at least 1"):
         generate_batches(specs, num_batches=0)

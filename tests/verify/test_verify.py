@@ -42,7 +42,7 @@ def test_correct_fold_passes(chain, folded_chain):
 @pytest.mark.parametrize("site", [0, 1, 2, 3])
 def test_perturbed_fold_fails_and_is_localised(chain, folded_chain, site):
     folded, fold_report = folded_chain
-    broken = perturb(folded, f"w{site}", 1e-3)
+    broken = perturb(folded, f"conv{site}", 1e-3)
     report = verify(chain, broken, fold_report=fold_report, progress=False)
     assert not report.passed
     assert report.verdict == "fail"
@@ -70,7 +70,7 @@ def test_localisation_runs_in_bounded_chunks(chain, folded_chain, monkeypatch):
     monkeypatch.setattr(OrtRunner, "__init__", spy)
     report = verify(
         chain,
-        perturb(folded, "w2", 1e-3),
+        perturb(folded, "conv2", 1e-3),
         fold_report=fold_report,
         localise_chunk=1,
         progress=False,
@@ -85,7 +85,7 @@ def test_localisation_from_fold_report_json(chain, folded_chain, tmp_path):
     folded, fold_report = folded_chain
     path = tmp_path / "fold.json"
     path.write_text(fold_report.to_json())
-    report = verify(chain, perturb(folded, "w1", 1e-3), fold_report=path, progress=False)
+    report = verify(chain, perturb(folded, "conv1", 1e-3), fold_report=path, progress=False)
     assert report.localisation.bn == "bn1"
     assert json.loads(report.to_json())["localisation"]["bn"] == "bn1"
 
@@ -162,7 +162,7 @@ def test_unavailable_provider_is_not_run_never_passed(chain, folded_chain):
 
 def test_failure_outranks_not_run(chain, folded_chain):
     folded, _ = folded_chain
-    report = verify(chain, perturb(folded, "w0", 1e-3), providers="cpu,NoSuchProvider")
+    report = verify(chain, perturb(folded, "conv0", 1e-3), providers="cpu,NoSuchProvider")
     assert report.verdict == "fail"
     assert report.providers[1].verdict == "not-run"
     assert "NoSuchProvider" in report.providers[1].reason
@@ -175,14 +175,14 @@ def test_models_are_not_mutated(chain, folded_chain, tmp_path):
     onnx.save(folded, path)
     file_before = path.read_bytes()
     verify(chain, path, fold_report=fold_report, progress=False)
-    verify(chain, perturb(folded, "w1", 1e-3), fold_report=fold_report, progress=False)
+    verify(chain, perturb(folded, "conv1", 1e-3), fold_report=fold_report, progress=False)
     assert (chain.SerializeToString(), folded.SerializeToString()) == before
     assert path.read_bytes() == file_before
 
 
 def test_tolerance_overrides_globally_and_per_output(chain, folded_chain):
     folded, _ = folded_chain
-    broken = perturb(folded, "w3", 1e-3)
+    broken = perturb(folded, "conv3", 1e-3)
     assert not verify(chain, broken).passed
     assert verify(chain, broken, rtol=0.05, atol=1e-2).passed
     assert verify(chain, broken, rtol={"Y": 0.05}, atol={"Y": 1e-2}).passed

@@ -1,9 +1,4 @@
-"""Small ONNX models for the verification tests, and a fold written with bnfold.foldmath.
-
-The fold here is the plain backward Conv <- BN rewrite (weights from ``foldmath``, the conv
-renamed to write the BN's output), enough to give ``verify`` a correctly folded model and its
-FoldReport without depending on the ONNX front end.
-"""
+"""Small ONNX models for the verification tests, and a way to break one fold of them."""
 
 from __future__ import annotations
 
@@ -12,10 +7,6 @@ import itertools
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
-from bnfold import foldmath
-from bnfold.report import FoldReport
-from bnfold.sites import Direction, FoldDecision
 
 
 def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
@@ -68,51 +59,9 @@ def conv_bn_chain(channels: tuple[int, ...] = (3, 8, 8, 8, 4), seed: int = 0) ->
     return model
 
 
-def hand_fold(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
-    """Fold every Conv -> BN of ``model`` backward with foldmath; the conv writes the BN output."""
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
-    graph = folded.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    report = FoldReport(model=graph.name, framework="onnx")
-    keep = []
-    for node in graph.node:
-        if node.op_type != "BatchNormalization":
-            keep.append(node)
-            continue
-        conv = producers[node.input[0]]
-        arr = {n: numpy_helper.to_array(inits[n]) for n in node.input[1:]}
-        gamma, beta, mean, var = (arr[n] for n in node.input[1:])
-        eps = next(a.f for a in node.attribute if a.name == "epsilon")
-        affine = foldmath.bn_affine(mean, var, eps, gamma, beta)
-        w = numpy_helper.to_array(inits[conv.input[1]])
-        b = numpy_helper.to_array(inits[conv.input[2]])
-        w2, b2 = foldmath.fold_backward(w, b, affine, foldmath.CONV)
-        inits[conv.input[1]].CopyFrom(_init(conv.input[1], foldmath.round_to(w2, w.dtype)))
-        inits[conv.input[2]].CopyFrom(_init(conv.input[2], foldmath.round_to(b2, b.dtype)))
-        conv.output[0] = node.output[0]
-        report.decisions.append(
-            FoldDecision.fold(
-                node.name,
-                Direction.BACKWARD,
-                conv.name,
-                params={conv.input[1]: [conv.input[1], *node.input[1:]]},
-                tensor=node.output[0],
-            )
-        )
-    del graph.node[:]
-    graph.node.extend(keep)
-    used = {i for n in graph.node for i in n.input}
-    kept_inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
-    onnx.checker.check_model(folded)
-    return folded, report
-
-
-def perturb(model: onnx.ModelProto, initializer: str, rel: float) -> onnx.ModelProto:
-    """A copy of ``model`` with one initializer scaled by ``1 + rel``."""
+def perturb(model: onnx.ModelProto, node: str, rel: float) -> onnx.ModelProto:
+    """A copy of ``model`` with the weight (second input) of node ``node`` scaled by ``1 + rel``."""
+    initializer = next(n.input[1] for n in model.graph.node if n.name == node)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for t in out.graph.initializer:
