@@ -1,0 +1,231 @@
+"""PyTorch fold benchmark: eager CPU latency and BN left, bnfold beside the peers.
+
+For every reference model (``bnfold.models``): the median eager latency on one CPU thread of
+the original, the bnfold-folded model and the same network built without BN (the limit a
+fold can reach), measured interleaved in one process and printed as ratios to the original;
+then how many BNs bnfold, ``torch.fx.experimental.optimization.fuse`` and
+``torch.ao.quantization.quantize_fx.fuse_fx`` leave, and the max relative output error of
+each against the original. A second table runs the peers on the cases where they are known
+to be wrong.
+
+Run: ``python bench/torch_fold.py [--repeats 30] [--models resnet-mini,mlp] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from bnfold.models import build, names
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfold.torchfold import count_batchnorms, fold_torch
+
+
+def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref64, out64 = ref.detach().double(), out.detach().double()
+    return float((ref64 - out64).abs().max() / ref64.abs().max().clamp_min(1e-30))
+
+
+def median_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall time per call of each function, measured round-robin (same conditions)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for fn in fns.values():  # warm-up
+            for _ in range(3):
+                fn()
+        for _ in range(repeats):
+            for key, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def peer(
+    fuser: Callable[[nn.Module], nn.Module], model: nn.Module, x: torch.Tensor
+) -> tuple[str, str]:
+    """(BN left, max rel error) of a peer fuser, or the exception it raised."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused = fuser(copy.deepcopy(model).eval())
+            with torch.no_grad():
+                err = rel_err(model(x), fused(x))
+    except Exception as e:
+        return "error", type(e).__name__
+    left = sum(isinstance(m, _BatchNorm) for m in fused.modules()) + count_batchnorms(fused)
+    if isinstance(fused, torch.fx.GraphModule):  # count_batchnorms saw the BN modules called
+        left -= sum(
+            1
+            for n in fused.graph.nodes
+            if n.op == "call_module" and isinstance(fused.get_submodule(str(n.target)), _BatchNorm)
+        )
+    return str(left), f"{err:.1e}"
+
+
+def fx_fuse(model: nn.Module) -> nn.Module:
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(model)
+
+
+def ao_fuse_fx(model: nn.Module) -> nn.Module:
+    from torch.ao.quantization.quantize_fx import fuse_fx
+
+    return fuse_fx(model)
+
+
+def zoo_rows(models: list[str], repeats: int) -> list[dict[str, Any]]:
+    torch.set_num_threads(1)
+    rows = []
+    for name in models:
+        model, x = build(name)
+        limit, _ = build(name, bn=False)
+        folded, report = fold_torch(model, x)
+        with torch.no_grad():
+            err = rel_err(model(x), folded(x))
+        ms = median_ms(
+            {
+                "original": lambda m=model, x=x: m(x),
+                "bnfold": lambda m=folded, x=x: m(x),
+                "no-bn": lambda m=limit, x=x: m(x),
+            },
+            repeats,
+        )
+        rows.append(
+            {
+                "model": name,
+                "bn": len(report.decisions),
+                "original_ms": ms["original"],
+                "bnfold_ratio": ms["bnfold"] / ms["original"],
+                "limit_ratio": ms["no-bn"] / ms["original"],
+                "bnfold_left": count_batchnorms(folded),
+                "bnfold_err": f"{err:.1e}",
+                "fuse": peer(fx_fuse, model, x),
+                "fuse_fx": peer(ao_fuse_fx, model, x),
+            }
+        )
+        print(f"  {name} done", file=sys.stderr)
+    return rows
+
+
+class _Linear3d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x))
+
+
+class _SharedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.conv(x * 2)
+
+
+class _SecondUser(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) * torch.sigmoid(y)
+
+
+def _randomised(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.1)
+                if m.affine:
+                    m.weight.copy_(torch.randn(m.num_features, generator=gen))
+                    m.bias.copy_(torch.randn(m.num_features, generator=gen))
+    return model.eval()
+
+
+def _peer_cell(left: str, err: str) -> str:
+    return f"raises {err}" if left == "error" else f"{left} BN left ({err})"
+
+
+def case_rows() -> list[dict[str, Any]]:
+    cases: list[tuple[str, nn.Module, torch.Tensor]] = [
+        ("Linear on 3-D input -> BN1d (C == out)", _Linear3d(), torch.randn(4, 8, 6)),
+        (
+            "ConvTranspose2d(8, 8, groups=2) -> BN",
+            nn.Sequential(nn.ConvTranspose2d(8, 8, 3, groups=2), nn.BatchNorm2d(8)),
+            torch.randn(2, 8, 5, 5),
+        ),
+        ("conv called at two sites", _SharedConv(), torch.randn(2, 4, 6, 6)),
+        ("conv output with a second user", _SecondUser(), torch.randn(2, 4, 6, 6)),
+        (
+            "Linear -> BN1d(affine=False)",
+            nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, affine=False)),
+            torch.randn(3, 4),
+        ),
+    ]
+    rows = []
+    for label, model, x in cases:
+        model = _randomised(model)
+        folded, report = fold_torch(model, x)
+        with torch.no_grad():
+            err = rel_err(model(x), folded(x))
+        d = report.decisions[0]
+        rows.append(
+            {
+                "case": label,
+                "bnfold": f"{'folded' if d.folded else d.code.value} ({err:.1e})",  # type: ignore[union-attr]
+                "fuse": _peer_cell(*peer(fx_fuse, model, x)),
+                "fuse_fx": _peer_cell(*peer(ao_fuse_fx, model, x)),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--models", default=",".join(names()))
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    rows = zoo_rows([m for m in args.models.split(",") if m], args.repeats)
+    print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} interleaved runs\n")
+    print(
+        "| model | BN | original ms | bnfold / orig | no-BN / orig | BN left: bnfold | fuse | "
+        "fuse_fx | max rel err: bnfold | fuse | fuse_fx |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['bn']} | {r['original_ms']:.3f} | {r['bnfold_ratio']:.3f} | "
+            f"{r['limit_ratio']:.3f} | {r['bnfold_left']} | {r['fuse'][0]} | {r['fuse_fx'][0]} | "
+            f"{r['bnfold_err']} | {r['fuse'][1]} | {r['fuse_fx'][1]} |"
+        )
+    cases = case_rows()
+    print("\n| case | bnfold (max rel err) | fx fuse | fuse_fx |")
+    print("|---|---|---|---|")
+    for c in cases:
+        print(f"| {c['case']} | {c['bnfold']} | {c['fuse']} | {c['fuse_fx']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"zoo": rows, "cases": cases}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
