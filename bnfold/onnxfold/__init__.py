@@ -98,7 +98,9 @@ def fold_file(
     loaded = load_onnx_info(src)
     model, report = fold_onnx(loaded.model, direction=direction, inplace=True)
     report.model = str(src)
-    save_onnx(model, out, external_data=external_data or (loaded.external_data or None))
+    if external_data is None:
+        external_data = loaded.external_data or None  # None: external only past 2 GB
+    save_onnx(model, out, external_data=external_data)
     return report
 
 

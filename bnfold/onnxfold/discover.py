@@ -242,7 +242,22 @@ def _channel_problem(
         n = weight.shape[-1]
     if n != c:
         return f"BN has {c} channels but {_name(partner)} produces {n}"
-    return None
+    return _bias_problem(g, partner, params, n)
+
+
+def _bias_problem(
+    g: GraphIndex, node: onnx.NodeProto, params: list[str], channels: int
+) -> str | None:
+    """A sentence when a Conv bias is neither ``channels`` values nor one repeated value."""
+    if node.op_type not in ("Conv", "ConvTranspose") or len(params) < 2:
+        return None
+    bias = g.constant(params[1])
+    if bias is None or bias.shape == (channels,):
+        return None
+    flat = np.asarray(bias).reshape(-1)
+    if flat.size and np.all(flat == flat[0]):
+        return None
+    return f"{_name(node)}'s bias has shape {list(bias.shape)}, not [{channels}]"
 
 
 def forward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
@@ -373,4 +388,4 @@ def _forward_channel_problem(
         n = weight.shape[0]
     if n != c:
         return f"BN gives {c} input features but {_name(consumer)} reads {n}"
-    return None
+    return _bias_problem(g, consumer, [consumer.input[1], *consumer.input[2:3]], weight.shape[0])

@@ -119,7 +119,10 @@ class Rewriter:
         if op in ("Conv", "ConvTranspose"):
             layout = foldmath.CONV if op == "Conv" else foldmath.CONV_TRANSPOSE
             new_w, new_b = foldmath.fold_backward(
-                w64, bias64, affine, layout.with_groups(int(attr(p, "group", 1)))
+                w64,
+                _vector(bias64, affine.channels),
+                affine,
+                layout.with_groups(int(attr(p, "group", 1))),
             )
         elif op == "Gemm":
             new_w, new_b = foldmath.fold_gemm_backward(
@@ -202,7 +205,8 @@ class Rewriter:
         w64 = self._value64(w_name)
         if op == "Conv":
             layout = foldmath.CONV.with_groups(int(attr(q, "group", 1)))
-            new_w, new_b = foldmath.fold_forward(w64, bias64, affine, layout)
+            new_b = _vector(bias64, w64.shape[0])
+            new_w, new_b = foldmath.fold_forward(w64, new_b, affine, layout)
         elif op == "Gemm":
             new_w, new_b = foldmath.fold_gemm_forward(
                 w64,
@@ -267,6 +271,18 @@ class Rewriter:
         for n in names:
             if n:
                 self.exact.pop(n, None)
+
+
+def _vector(bias: np.ndarray | None, channels: int) -> np.ndarray | None:
+    """A Conv bias as the 1-D vector the runtime reads.
+
+    The dynamo exporter can write a bias-less Conv's zero bias with a wrong shape (e.g.
+    ``(C, 2)`` for Conv3d); a uniform bias means the same whatever its shape, so it is read as
+    ``channels`` copies of its value (discovery refuses non-uniform ones of the wrong size).
+    """
+    if bias is None or bias.shape == (channels,):
+        return bias
+    return np.full(channels, bias.reshape(-1)[0])
 
 
 def _set_float(node: onnx.NodeProto, name: str, value: float) -> None:
