@@ -86,8 +86,8 @@ def _bn_ranks(bn: BatchNorm, gm: fx.GraphModule) -> set[int]:
     return set(range(2, 9))
 
 
-def _layer_axis(layer: Layer, rank: int, side: str) -> int | None:
-    """Axis of ``layer``'s channels (``side`` in/out) in a tensor of ``rank``."""
+def _layer_axis(layer: Layer, rank: int) -> int | None:
+    """Axis of ``layer``'s channels in a tensor of ``rank`` (its input or its output)."""
     if layer.kind == "linear":
         return rank - 1 if rank >= 1 else None
     if rank == layer.spatial + 2:
@@ -102,11 +102,11 @@ def _axes(
 ) -> int | None:
     """The partner's channel axis in the BN's coordinates, or None when unknowable."""
     if shape is not None:
-        return _layer_axis(layer, len(shape), "")
+        return _layer_axis(layer, len(shape))
     ranks = _bn_ranks(bn, gm)
     if layer.kind != "linear":
         ranks &= {layer.spatial + 1, layer.spatial + 2}
-    axes = {_layer_axis(layer, r, "") for r in ranks}
+    axes = {_layer_axis(layer, r) for r in ranks}
     return axes.pop() if len(axes) == 1 else None
 
 

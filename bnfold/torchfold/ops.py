@@ -384,7 +384,7 @@ def as_batchnorm(node: fx.Node, root: nn.Module) -> BatchNorm | None:
             out = firsts[0]
         trailing = [u for u in node.users if u is not out]
     stats = args["running_mean"] is not None and args["running_var"] is not None
-    training = args["training"]
+    training = args.get("training", False)
     if isinstance(training, fx.Node):
         unsupported = "the BN's training flag is computed at run time"
     return BatchNorm(

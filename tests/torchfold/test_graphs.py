@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torchfold_util import randomise, rel_err
 
@@ -173,3 +174,39 @@ def test_unbatched_conv1d_then_bn1d_is_an_axis_mismatch() -> None:
     folded, report = fold_torch(model, x)
     assert report.decisions[0].code is SkipCode.CHANNEL_AXIS
     assert torch.equal(model(x), folded(x))
+
+
+def test_decomposed_exported_program_folds_native_batch_norm() -> None:
+    from bnfold.models import build
+
+    model, x = build("resnet-mini")
+    program = torch.export.export(model, (x,)).run_decompositions()
+    ops = {str(n.target) for n in program.graph.nodes}
+    assert "aten._native_batch_norm_legit_no_training.default" in ops
+    folded, report = fold_torch(program)
+    assert count_batchnorms(folded) == 0 and not report.skipped
+    assert rel_err(model(x), folded.module()(x)) <= 1e-5
+
+
+def test_functional_layers_without_bias_get_one() -> None:
+    class Fn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 3, 3, 3))
+            self.bn = nn.BatchNorm2d(6)
+            self.w2 = nn.Parameter(torch.randn(5, 6 * 4 * 4))
+            self.bn2 = nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(F.conv2d(x, self.w)))
+            return F.linear(torch.flatten(self.bn2(y), 1), self.w2)
+
+    model = randomise(Fn())
+    x = torch.randn(2, 3, 6, 6)
+    folded, report = _check_exact(model, x)
+    assert isinstance(folded, fx.GraphModule) and count_batchnorms(folded) == 0
+    back, fwd = report.decisions
+    assert back.direction.value == "backward" and fwd.direction.value == "forward"
+    new_names = set(back.params) | set(fwd.params)
+    assert new_names == {"w", "w_bias", "w2", "w2_bias"} == set(folded.state_dict())
+    assert "w2" in fwd.params["w2_bias"]  # the shift reaches the bias through the weight
