@@ -89,7 +89,7 @@ def load_onnx_info(path: str | os.PathLike[str]) -> LoadedModel:
     if external:
         try:
             onnx.load_external_data_for_model(model, str(p.parent))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, onnx.checker.ValidationError) as e:
             raise BadInputError(
                 f"cannot read the external data of {p} ({_first_line(e)}); keep the .data "
                 "file(s) next to the model under the names it refers to"
@@ -155,8 +155,8 @@ def save_onnx(
         tmp_model = tmpdir / out.name
         if external_data:
             data_name = out.name + ".data"
-            _write_with_external_data(model, tmp_model, tmpdir / data_name, data_name)
-            os.replace(tmpdir / data_name, folder / data_name)
+            if _write_with_external_data(model, tmp_model, tmpdir / data_name, data_name):
+                os.replace(tmpdir / data_name, folder / data_name)
         else:
             tmp_model.write_bytes(model.SerializeToString())
         os.replace(tmp_model, out)
@@ -171,14 +171,14 @@ def save_onnx(
 
 def _write_with_external_data(
     model: onnx.ModelProto, model_path: Path, data_path: Path, location: str
-) -> None:
+) -> bool:
     """Move large ``raw_data`` tensors to ``data_path`` while serialising, then put them back.
 
     ``onnx.save_model(save_as_external_data=True)`` converts the caller's model in place;
     here the bytes are only detached for the duration of the write, so the model in memory
-    is unchanged afterwards.
+    is unchanged afterwards. Returns whether any tensor went to the data file.
     """
-    moved: list[tuple[onnx.TensorProto, bytes]] = []
+    moved: list[tuple[onnx.TensorProto, bytes, bool]] = []
     try:
         with open(data_path, "wb") as data:
             offset = 0
@@ -192,7 +192,7 @@ def _write_with_external_data(
                     data.write(b"\0" * pad)
                     offset += pad
                 data.write(raw)
-                moved.append((tensor, raw))
+                moved.append((tensor, raw, tensor.HasField("data_location")))
                 tensor.ClearField("raw_data")
                 tensor.data_location = onnx.TensorProto.EXTERNAL
                 del tensor.external_data[:]
@@ -206,10 +206,14 @@ def _write_with_external_data(
                     entry.value = value
                 offset += len(raw)
         model_path.write_bytes(model.SerializeToString())
+        return bool(moved)  # nothing large enough: no data file is needed
     finally:
-        for tensor, raw in moved:
+        for tensor, raw, had_location in moved:
             del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
+            if had_location:
+                tensor.data_location = onnx.TensorProto.DEFAULT
+            else:
+                tensor.ClearField("data_location")
             tensor.raw_data = raw
 
 
