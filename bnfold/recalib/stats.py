@@ -55,10 +55,13 @@ def batch_moments(x: torch.Tensor, channel_axis: int) -> tuple[int, torch.Tensor
     axis = channel_axis % x.dim()
     dims = [d for d in range(x.dim()) if d != axis]
     n = x.numel() // x.shape[axis] if x.shape[axis] else 0
-    x64 = x.to(_F64)
+    # one private float64 copy, then in-place ops: fresh float64 temporaries per op cost more
+    # (allocation and page faults) than the arithmetic itself
+    x64 = x.to(_F64, copy=True)
     mean = x64.mean(dim=dims, keepdim=True)
-    centred = x64 - mean
-    m2 = torch.sum(centred * centred, dim=dims)
+    x64.sub_(mean)
+    x64.mul_(x64)
+    m2 = torch.sum(x64, dim=dims)
     return n, mean.reshape(-1), m2
 
 

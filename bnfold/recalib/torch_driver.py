@@ -86,7 +86,7 @@ class _FunctionalBatchNorm(nn.Module):
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, self.eps)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Site:
     """One BatchNorm to recalibrate: the module observed and the buffers written."""
 

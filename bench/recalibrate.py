@@ -1,0 +1,159 @@
+"""Recalibration side by side with ``torch.optim.swa_utils.update_bn`` and a bare forward.
+
+Two tables:
+
+1. Statistics error of the first BatchNorm (its input does not depend on other BNs, so every
+   tool measures the same activations) against a float64 whole-data oracle, on data built to
+   defeat per-batch averaging: images with a per-image offset (correlated pixels) and
+   class-ordered batches.
+2. Throughput over the same loader as a ratio to a bare ``torch.no_grad()`` forward (the
+   limit): bnfold ``mode="batch"`` (one pass, the like-for-like comparison with update_bn),
+   ``update_bn``, and bnfold ``mode="population"`` (one pass per depth level; its ratio is per
+   pass and in total).
+
+Run: ``python bench/recalibrate.py [--model resnet-mini] [--batches 16] [--batch-size 64]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+from bnfold.models import build
+from torch.optim.swa_utils import update_bn
+
+import bnfold
+
+
+def oracle_var(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    x64 = x.double().transpose(0, 1).reshape(x.shape[1], -1).numpy()
+    mean = x64.mean(1)
+    return mean, ((x64 - mean[:, None]) ** 2).sum(1) / (x64.shape[1] - 1)
+
+
+def first_bn_input(model: torch.nn.Module, data: list[torch.Tensor]) -> torch.Tensor:
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen: list[torch.Tensor] = []
+    h = bn.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    h.remove()
+    return torch.cat(seen)
+
+
+def correlated(n: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    return (
+        torch.randn(n, shape[0], 1, 1, generator=gen) * 3
+        + torch.randn(n, *shape, generator=gen) * 0.3
+    )
+
+
+def class_ordered(n: int, shape: tuple[int, ...], gen: torch.Generator, bs: int) -> torch.Tensor:
+    classes = max(n // bs, 1)
+    means = torch.randn(classes, shape[0], 1, 1, generator=gen) * 4
+    x = means.repeat_interleave(bs, 0)[:n] + torch.randn(n, *shape, generator=gen)
+    return x
+
+
+def error_table(model_name: str, batches: int, bs: int) -> None:
+    model, example = build(model_name)
+    shape = tuple(example.shape[1:])
+    gen = torch.Generator().manual_seed(0)
+    print(
+        f"\nStatistics error of the first BN vs float64 oracle ({model_name}, "
+        f"{batches} batches of {bs})"
+    )
+    print(f"{'data':<16}{'tool':<34}{'max rel err mean':>18}{'max rel err var':>18}")
+    for data_name in ("correlated", "class-ordered"):
+        n = batches * bs
+        x = (
+            correlated(n, shape, gen)
+            if data_name == "correlated"
+            else class_ordered(n, shape, gen, bs)
+        )
+        data = [x[i : i + bs] for i in range(0, n, bs)]
+        mean, var = oracle_var(first_bn_input(model, data))
+        rows = []
+        m = copy.deepcopy(model)
+        bnfold.recalibrate(m, data, mode="batch", progress=False)
+        rows.append(("bnfold exact", m))
+        m = copy.deepcopy(model)
+        bnfold.recalibrate(m, data, mode="batch", estimator="batch-variance-mean", progress=False)
+        rows.append(("bnfold batch-variance-mean", m))
+        m = copy.deepcopy(model)
+        update_bn(data, m)
+        rows.append(("swa_utils.update_bn", m))
+        for tool, mm in rows:
+            bn = next(b for b in mm.modules() if isinstance(b, torch.nn.BatchNorm2d))
+            em = np.max(np.abs(bn.running_mean.double().numpy() - mean) / np.abs(mean))
+            ev = np.max(np.abs(bn.running_var.double().numpy() - var) / var)
+            print(f"{data_name:<16}{tool:<34}{em:>18.3e}{ev:>18.3e}")
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def throughput_table(model_name: str, batches: int, bs: int, repeats: int) -> None:
+    model, example = build(model_name)
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(bs, *example.shape[1:], generator=gen) for _ in range(batches)]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.cat(data)), batch_size=bs
+    )
+
+    def bare() -> None:
+        with torch.no_grad():
+            for (x,) in loader:
+                model(x)
+
+    m_upd = copy.deepcopy(model)
+    m_b = copy.deepcopy(model)
+    m_p = copy.deepcopy(model)
+    t_bare = timed(bare, repeats)
+    t_upd = timed(lambda: update_bn(loader, m_upd), repeats)
+    t_batch = timed(lambda: bnfold.recalibrate(m_b, loader, mode="batch", progress=False), repeats)
+    report = bnfold.recalibrate(copy.deepcopy(model), loader, progress=False)
+    t_pop = timed(lambda: bnfold.recalibrate(m_p, loader, progress=False), repeats)
+    samples = batches * bs
+    print(
+        f"\nThroughput ({model_name}, {batches} batches of {bs}, {torch.get_num_threads()} "
+        f"thread(s), best of {repeats})"
+    )
+    print(f"{'run':<40}{'samples/s':>12}{'vs bare forward':>18}")
+    rows = [
+        ("bare torch.no_grad() forward (limit)", t_bare),
+        ("bnfold mode=batch (one pass)", t_batch),
+        ("swa_utils.update_bn (one pass)", t_upd),
+        (f"bnfold mode=population ({report.passes} passes)", t_pop),
+        ("bnfold mode=population, per pass", t_pop / report.passes),
+    ]
+    for name, t in rows:
+        print(f"{name:<40}{samples / t:>12.1f}{t_bare / t:>17.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet-mini")
+    ap.add_argument("--batches", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    error_table(args.model, args.batches, args.batch_size)
+    throughput_table(args.model, args.batches, args.batch_size, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
