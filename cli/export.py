@@ -1,0 +1,104 @@
+"""``bnfold export``: load, [recalibrate], fold, export to ONNX, fold, verify, write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bnfold.cli.common import EXIT_FAILED, console, fail, guarded
+
+
+def export(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A reference model name (see `bnfold.models`), a .pt2 ExportedProgram, or "
+            "a TorchScript file.",
+        ),
+    ] = "resnet-mini",
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="ONNX file to write [default: bnfold-out/NAME.onnx]"),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="Recalibrate BN statistics first on this data: .npy/.npz file, folder of "
+            "them, or module:function returning an iterable.",
+        ),
+    ] = None,
+    num_batches: Annotated[
+        int | None, typer.Option("--num-batches", help="Recalibration budget in batches.")
+    ] = None,
+    direction: Annotated[
+        str, typer.Option("--direction", help="backward, forward or both.")
+    ] = "both",
+    providers: Annotated[
+        str, typer.Option("--providers", help="Comma-separated execution providers to verify on.")
+    ] = "cpu",
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip verification.")] = False,
+    rtol: Annotated[float | None, typer.Option(help="Relative tolerance.")] = None,
+    atol: Annotated[float | None, typer.Option(help="Absolute tolerance.")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the full report as JSON here.")
+    ] = None,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Allow loading a pickled whole-model file. Unpickling runs arbitrary code: "
+            "only for files you trust.",
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Fold every exactly foldable BatchNorm of a PyTorch model and ship it as verified ONNX.
+
+    With no arguments, exports the embedded default model (resnet-mini) to
+    bnfold-out/resnet-mini.onnx. Exit codes: 0 written and verified, 1 verification failed
+    (nothing written), 2 bad input, 3 a requested provider could not run, 4 model not exportable.
+    """
+
+    def run() -> None:
+        from bnfold.cli.render import render_fold_report
+        from bnfold.export import export as run_export
+        from bnfold.export import write_report
+
+        recal_data = None
+        if data is not None:
+            from bnfold.recalib.data import load_data_spec
+
+            recal_data = load_data_spec(data)
+        result = run_export(
+            model,
+            output,
+            data=recal_data,
+            num_batches=num_batches,
+            direction=direction,  # type: ignore[arg-type]
+            verify=not no_verify,
+            providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
+            rtol=rtol,
+            atol=atol,
+            allow_pickle=allow_pickle,
+            progress=not quiet,
+        )
+        console.print("[bold]PyTorch fold[/]")
+        render_fold_report(result.torch_report)
+        console.print("[bold]ONNX fold (exported graph)[/]")
+        render_fold_report(result.onnx_report)
+        if result.verify_report is not None:
+            from bnfold.cli.render_verify import render_verify_report
+
+            render_verify_report(result.verify_report)
+        if json_path is not None:
+            write_report(result, json_path)
+        if not result.passed:
+            fail("verification failed: the folded model was not written", EXIT_FAILED)
+        console.print(
+            f"wrote [bold]{result.output}[/] ({result.batchnorms_left} BatchNormalization left)"
+        )
+
+    guarded(run)
