@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from bnfold.cli.common import EXIT_FAILED, console, fail, guarded
 
 
@@ -64,6 +63,7 @@ def export(
 
     def run() -> None:
         from bnfold.cli.render import render_fold_report
+
         from bnfold.export import export as run_export
         from bnfold.export import write_report
 
