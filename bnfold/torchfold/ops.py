@@ -288,12 +288,12 @@ def as_layer(node: fx.Node, root: nn.Module) -> Layer | None:
         path = str(node.target)
         op = f"{path} ({type(mod).__name__})"
         if isinstance(mod, nn.Linear) and _own_forward(mod, nn.Linear):
-            bias = ParamRef(path, "bias") if mod.bias is not None else None
-            return Layer(node, "linear", op, path, ParamRef(path, "weight"), bias)
+            fc_bias = ParamRef(path, "bias") if mod.bias is not None else None
+            return Layer(node, "linear", op, path, ParamRef(path, "weight"), fc_bias)
         if isinstance(mod, _ConvNd) and _own_forward(mod, _ConvNd):
             spatial = len(mod.kernel_size)
             kind = "conv_transpose" if mod.transposed else "conv"
-            bias = ParamRef(path, "bias") if mod.bias is not None else None
+            conv_bias = ParamRef(path, "bias") if mod.bias is not None else None
             pad = _padding(mod.padding, mod.weight, mod.dilation, spatial)
             return Layer(
                 node,
@@ -301,7 +301,7 @@ def as_layer(node: fx.Node, root: nn.Module) -> Layer | None:
                 op,
                 path,
                 ParamRef(path, "weight"),
-                bias,
+                conv_bias,
                 spatial=spatial,
                 groups=int(mod.groups),
                 zero_padding=pad if any(pad) and mod.padding_mode == "zeros" else None,
@@ -364,7 +364,7 @@ def as_batchnorm(node: fx.Node, root: nn.Module) -> BatchNorm | None:
             var=ParamRef(path, "running_var") if stats else None,
             gamma=ParamRef(path, "weight") if mod.weight is not None else None,
             beta=ParamRef(path, "bias") if mod.bias is not None else None,
-            eps=float(mod.eps),
+            eps=float(mod.eps),  # type: ignore[arg-type]
             unsupported=unsupported,
         )
     if node.op != "call_function" or node.target not in _BN_FUNCTIONS:
@@ -411,7 +411,8 @@ def flatten_repeat(node: fx.Node, root: nn.Module, src_shape: tuple[int, ...] | 
 
     None when ``node`` is not such a flatten or the shapes needed to prove it are unknown.
     """
-    start, end = None, None
+    start: Any = None
+    end: Any = None
     if node.op == "call_module":
         mod = root.get_submodule(str(node.target))
         if type(mod) is nn.Flatten:
@@ -430,7 +431,9 @@ def flatten_repeat(node: fx.Node, root: nn.Module, src_shape: tuple[int, ...] | 
         if out == (src_shape[0], math.prod(src_shape[1:])):
             return math.prod(src_shape[2:])
         return None
-    if start is None or src_shape is None or len(src_shape) < 2:
+    if not isinstance(start, int) or not isinstance(end, int):
+        return None
+    if src_shape is None or len(src_shape) < 2:
         return None
     ndim = len(src_shape)
     if start % ndim != 1 or end % ndim != ndim - 1 or min(src_shape[2:], default=1) < 0:

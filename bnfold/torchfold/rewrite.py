@@ -42,6 +42,19 @@ def _f64(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().to("cpu", torch.float64).numpy()
 
 
+def _tensor(ref: ParamRef | None, gm: fx.GraphModule) -> torch.Tensor | None:
+    value = ref.get(gm) if ref is not None else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _required(ref: ParamRef | None, gm: fx.GraphModule) -> torch.Tensor:
+    """A tensor the guards already proved present (running statistics, the layer weight)."""
+    value = _tensor(ref, gm)
+    if value is None:
+        raise AssertionError(f"{ref} should hold a tensor once the guards passed")
+    return value
+
+
 def _layout(layer: Layer) -> foldmath.WeightLayout:
     if layer.kind == "linear":
         return foldmath.LINEAR
@@ -88,17 +101,21 @@ def apply_fold(site: Site, gm: fx.GraphModule, origin: dict[str, list[str]]) -> 
     """
     bn, layer = site.bn, site.layer
     assert layer is not None and layer.weight is not None
-    get = lambda ref: ref.get(gm) if ref is not None else None  # noqa: E731
     affine = foldmath.bn_affine(
-        _f64(get(bn.mean)), _f64(get(bn.var)), bn.eps, _f64(get(bn.gamma)), _f64(get(bn.beta))
+        _required(bn.mean, gm).detach().to("cpu", torch.float64).numpy(),
+        _required(bn.var, gm).detach().to("cpu", torch.float64).numpy(),
+        bn.eps,
+        _f64(_tensor(bn.gamma, gm)),
+        _f64(_tensor(bn.beta, gm)),
     )
-    weight = layer.weight.get(gm)
-    bias = get(layer.bias)
+    weight = _required(layer.weight, gm)
+    bias = _tensor(layer.bias, gm)
+    w_f64 = weight.detach().to("cpu", torch.float64).numpy()
     layout = _layout(layer)
     if site.direction is Direction.BACKWARD:
-        w64, b64 = foldmath.fold_backward(_f64(weight), _f64(bias), affine, layout)
+        w64, b64 = foldmath.fold_backward(w_f64, _f64(bias), affine, layout)
     else:
-        w64, b64 = foldmath.fold_forward(_f64(weight), _f64(bias), affine, layout, site.repeat)
+        w64, b64 = foldmath.fold_forward(w_f64, _f64(bias), affine, layout, site.repeat)
     scale_names = [r.name for r in (bn.gamma, bn.var) if r is not None]
     bn_names = [r.name for r in (bn.gamma, bn.beta, bn.mean, bn.var) if r is not None]
     w_name = layer.weight.name
