@@ -141,7 +141,9 @@ def save_onnx(
         BadInputError: the model does not fit in one file and ``external_data`` is False.
     """
     out = Path(path)
-    size = model.ByteSize()
+    size = _approx_size(model)
+    if size > PROTOBUF_LIMIT // 2:
+        size = model.ByteSize()  # exact, but as slow as serialising: only near the limit
     if external_data is None:
         external_data = size > PROTOBUF_LIMIT
     if not external_data and size > PROTOBUF_LIMIT:
@@ -224,6 +226,20 @@ def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
         if node.op_type == "Constant":
             tensors.extend(a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
     return tensors
+
+
+def _approx_size(model: onnx.ModelProto) -> int:
+    """The bytes of tensor data in the model (from dims, without touching the data): nearly
+    all of a large model's size."""
+    total = 0
+    for t in _all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+            continue
+        count = 1
+        for d in t.dims:
+            count *= d
+        total += count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
 
 
 def _first_line(e: BaseException) -> str:

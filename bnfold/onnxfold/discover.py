@@ -113,7 +113,7 @@ def _bn_param_nodes(g: GraphIndex, bn: onnx.NodeProto) -> set[int]:
 
 
 def _non_constant(g: GraphIndex, names: list[str]) -> list[str]:
-    return [n for n in names if n and g.constant(n) is None]
+    return [n for n in names if n and not g.is_constant(n)]
 
 
 def _dtype_problem(g: GraphIndex, partner: onnx.NodeProto, params: list[str]) -> str | None:
@@ -204,7 +204,7 @@ def _matmul_of_add(g: GraphIndex, add: onnx.NodeProto) -> onnx.NodeProto | None:
     """The MatMul of a ``MatMul + Add(constant)`` pair, or None."""
     for k in (0, 1):
         mm = g.producer.get(add.input[k])
-        if mm is not None and mm.op_type == "MatMul" and g.constant(add.input[1 - k]) is not None:
+        if mm is not None and mm.op_type == "MatMul" and g.is_constant(add.input[1 - k]):
             return mm
     return None
 
@@ -227,19 +227,19 @@ def _channel_problem(
 ) -> str | None:
     """A sentence when the BN's channel count differs from the partner's output channels."""
     mean = g.constant(bn.input[3])
-    weight = g.constant(params[0]) if params else None
-    if mean is None or weight is None:
+    weight = g.shape(params[0]) if params else None
+    if mean is None or weight is None or None in weight:
         return None
     c = int(np.asarray(mean).size)
     op = partner.op_type
     if op == "Conv":
-        n = weight.shape[0]
+        n = weight[0]
     elif op == "ConvTranspose":
-        n = weight.shape[1] * int(attr(partner, "group", 1))
+        n = weight[1] * int(attr(partner, "group", 1))  # type: ignore[operator]
     elif op == "Gemm":
-        n = weight.shape[0] if int(attr(partner, "transB", 0)) else weight.shape[-1]
+        n = weight[0] if int(attr(partner, "transB", 0)) else weight[-1]
     else:
-        n = weight.shape[-1]
+        n = weight[-1]
     if n != c:
         return f"BN has {c} channels but {_name(partner)} produces {n}"
     return _bias_problem(g, partner, params, n)
@@ -376,16 +376,16 @@ def _forward_channel_problem(
 ) -> str | None:
     """A sentence when the consumer's input features do not match the BN's channels."""
     mean = g.constant(bn.input[3])
-    weight = g.constant(consumer.input[1])
-    if mean is None or weight is None:
+    weight = g.shape(consumer.input[1])
+    if mean is None or weight is None or None in weight:
         return None
     c = int(np.asarray(mean).size) * site.repeat
     if consumer.op_type == "Conv":
-        n = weight.shape[1] * int(attr(consumer, "group", 1))
+        n = weight[1] * int(attr(consumer, "group", 1))  # type: ignore[operator]
     elif consumer.op_type == "Gemm":
-        n = weight.shape[1] if int(attr(consumer, "transB", 0)) else weight.shape[0]
+        n = weight[1] if int(attr(consumer, "transB", 0)) else weight[0]
     else:
-        n = weight.shape[0]
+        n = weight[0]
     if n != c:
         return f"BN gives {c} input features but {_name(consumer)} reads {n}"
-    return _bias_problem(g, consumer, [consumer.input[1], *consumer.input[2:3]], weight.shape[0])
+    return _bias_problem(g, consumer, [consumer.input[1], *consumer.input[2:3]], int(weight[0]))  # type: ignore[arg-type]

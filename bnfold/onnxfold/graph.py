@@ -291,8 +291,28 @@ class GraphIndex:
                     return a.t
         return None
 
+    def is_constant(self, name: str) -> bool:
+        """Whether ``name`` is a constant, without decoding an initializer's bytes."""
+        if name in self.initializers:
+            return name not in self.graph_inputs
+        return self.constant(name) is not None
+
+    def shape(self, name: str) -> tuple[int | None, ...] | None:
+        """The shape of ``name`` if known (initializers from their dims, no decoding)."""
+        info = self.value_info(name)
+        return None if info is None else info.shape
+
     def constant(self, name: str) -> np.ndarray | None:
-        """The value of ``name`` if it is a constant (possibly computed), else None."""
+        """The value of ``name`` if it is a constant (possibly computed), else None.
+
+        Initializers are decoded on each call rather than cached: the large ones are read
+        once, by the fold that replaces them, and caching them would hold a second copy of
+        the model's weights.
+        """
+        if name in self.initializers:
+            return (
+                None if self.overridable(name) else numpy_helper.to_array(self.initializers[name])
+            )
         if name in self._values:
             return self._values[name]
         self._values[name] = None  # breaks cycles while evaluating

@@ -1,0 +1,206 @@
+"""Benchmark: ``bnfold fold`` on a ResNet-50-sized ONNX file against the I/O limit and peers.
+
+Run as a script (peers come from the ``bench`` extra: ``pip install -e '.[bench]'``)::
+
+    python bench/onnx_fold.py [--model resnet50] [--exporter torchscript|dynamo] [--repeat 5]
+
+It exports a model of ``bnfold.models`` with its BatchNorms kept, then times, in this one
+process and on the same file:
+
+* the I/O limit: ``onnx.load`` + ``onnx.save`` (no fold can be faster end to end);
+* ``bnfold fold`` end to end (load, fold, atomic save), and the fold alone in memory;
+* onnxruntime's basic-level graph optimization (session creation writing the optimized
+  model), onnxoptimizer's ``fuse_bn_into_conv`` and the onnxscript BatchNorm rewrite rules,
+  each end to end (load + pass + save) and in memory.
+
+For each it reports the best time over ``--repeat`` runs, the ratio to the I/O limit, the
+BatchNormalization nodes left, and whether onnxruntime loads the output. The target for
+bnfold is <= 1.5x the I/O limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+
+
+def _best(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of ``repeat`` calls, in seconds (first-call effects excluded by min)."""
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _bn_left(path: Path) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
+
+
+def _loads(path: Path) -> bool:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception:
+        return False
+    return True
+
+
+def export(name: str, exporter: str, path: Path) -> None:
+    """Export a registered model with every BN kept (no exporter-side folding)."""
+    import torch
+    from bnfold.models import build
+
+    module, example = build(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            torch.onnx.export(module, (example,), str(path), dynamo=True, optimize=False)
+        else:
+            torch.onnx.export(
+                module, (example,), str(path), dynamo=False, do_constant_folding=False
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50", help="a bnfold.models name")
+    parser.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--file", type=Path, help="use this .onnx file instead of exporting")
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from bnfold.onnxfold import fold_file, fold_onnx
+
+    console = Console()
+    work = Path(tempfile.mkdtemp(prefix="bnfold-bench-"))
+    src = args.file
+    if src is None:
+        src = work / f"{args.model}.onnx"
+        console.print(f"exporting {args.model} ({args.exporter}) ...")
+        export(args.model, args.exporter, src)
+    size_mb = src.stat().st_size / 1e6
+    bns = _bn_left(src)
+    console.print(f"{src}: {size_mb:.1f} MB, {bns} BatchNormalization nodes")
+
+    rows: list[tuple[str, float, float | None, Path | None]] = []
+
+    def io_limit() -> None:
+        onnx.save(onnx.load(str(src)), str(work / "io.onnx"))
+
+    limit = _best(io_limit, args.repeat)
+    rows.append(("onnx.load + onnx.save (I/O limit)", limit, None, work / "io.onnx"))
+
+    out = work / "bnfold.onnx"
+    e2e = _best(lambda: fold_file(src, out), args.repeat)
+    loaded = [onnx.load(str(src)) for _ in range(args.repeat)]
+    it = iter(loaded)
+    mem = _best(lambda: fold_onnx(next(it), inplace=True), args.repeat)
+    rows.append(("bnfold fold", e2e, mem, out))
+
+    try:
+        import onnxruntime as ort
+
+        def ort_basic() -> None:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            so.optimized_model_filepath = str(work / "ort.onnx")
+            ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+
+        rows.append(
+            (
+                "onnxruntime basic optimization",
+                _best(ort_basic, args.repeat),
+                None,
+                work / "ort.onnx",
+            )
+        )
+    except ImportError:
+        console.print("onnxruntime missing: skipped")
+
+    try:
+        import onnxoptimizer
+
+        def opt_e2e() -> None:
+            m = onnxoptimizer.optimize(onnx.load(str(src)), ["fuse_bn_into_conv"])
+            onnx.save(m, str(work / "onnxoptimizer.onnx"))
+
+        models = [onnx.load(str(src)) for _ in range(args.repeat)]
+        it2 = iter(models)
+        opt_mem = _best(
+            lambda: onnxoptimizer.optimize(next(it2), ["fuse_bn_into_conv"]), args.repeat
+        )
+        rows.append(
+            (
+                "onnxoptimizer fuse_bn_into_conv",
+                _best(opt_e2e, args.repeat),
+                opt_mem,
+                work / "onnxoptimizer.onnx",
+            )
+        )
+    except ImportError:
+        console.print("onnxoptimizer missing (pip install -e '.[bench]'): skipped")
+
+    try:
+        from onnxscript import rewriter
+        from onnxscript.rewriter.rules.common import _fuse_batchnorm
+
+        rules = _fuse_batchnorm.rules
+
+        def script_e2e() -> None:
+            m = rewriter.rewrite(onnx.load(str(src)), pattern_rewrite_rules=rules)
+            onnx.save(m, str(work / "onnxscript.onnx"))
+
+        models3 = [onnx.load(str(src)) for _ in range(args.repeat)]
+        it3 = iter(models3)
+        script_mem = _best(
+            lambda: rewriter.rewrite(next(it3), pattern_rewrite_rules=rules), args.repeat
+        )
+        rows.append(
+            (
+                "onnxscript BN rewrite rules",
+                _best(script_e2e, args.repeat),
+                script_mem,
+                work / "onnxscript.onnx",
+            )
+        )
+    except ImportError:
+        console.print("onnxscript missing: skipped")
+
+    table = Table(
+        title=f"BN folding of {src.name} ({size_mb:.0f} MB, {bns} BNs), best of {args.repeat}"
+    )
+    for col in ("tool", "end to end ms", "x I/O limit", "in memory ms", "BNs left", "ORT loads"):
+        table.add_column(col, justify="left" if col == "tool" else "right")
+    for name, t, in_mem, path in rows:
+        table.add_row(
+            name,
+            f"{t * 1e3:.0f}",
+            f"{t / limit:.2f}",
+            "" if in_mem is None else f"{in_mem * 1e3:.0f}",
+            str(_bn_left(path)) if path and path.exists() else "?",
+            ("yes" if _loads(path) else "NO") if path and path.exists() else "?",
+        )
+    console.print(table)
+    ratio = e2e / limit
+    verdict = "meets" if ratio <= 1.5 else "misses"
+    console.print(f"bnfold end to end: {ratio:.2f}x the I/O limit ({verdict} the 1.5x target)")
+
+
+if __name__ == "__main__":
+    main()
