@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -392,3 +393,19 @@ def _progress(enabled: bool | None) -> Any:
         console=Console(stderr=True),
         transient=True,
     )
+
+
+class _CallableModule(types.ModuleType):
+    """This package, callable as :func:`verify`.
+
+    ``bnfold.verify`` is both the public function and this package's name: once any
+    ``bnfold.verify.*`` module is imported, Python binds the attribute ``verify`` of
+    ``bnfold`` to the package, shadowing the function. Calling the package runs the function,
+    so ``bnfold.verify(original, folded)`` works whichever was imported first.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> VerifyReport:
+        return verify(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -335,3 +335,12 @@ def test_torch_against_torch_with_example_inputs():
     assert report.providers[0].runtime == "torch:cpu"
     with pytest.raises(BadInputError, match="two torch modules need"):
         verify(module, broken)
+
+
+def test_bnfold_verify_is_callable_after_submodule_imports(chain, folded_chain):
+    import bnfold
+    import bnfold.verify.compare  # binds bnfold.verify to the package
+
+    folded, _ = folded_chain
+    assert bnfold.verify(chain, folded).passed
+    assert isinstance(bnfold.verify(chain, folded), bnfold.VerifyReport)

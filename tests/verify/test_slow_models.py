@@ -1,0 +1,89 @@
+"""Verification of folded reference models end to end (slow: exports real networks)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import onnx
+import pytest
+import torch
+import typer
+from bnfold.cli import verify as verify_cmd
+from bnfold.models import REGISTRY, build
+from typer.testing import CliRunner
+
+import bnfold
+from bnfold.verify import verify
+
+pytestmark = pytest.mark.slow
+
+
+def _export(name: str) -> onnx.ModelProto:
+    module, x = build(name)
+    buf = io.BytesIO()
+    torch.onnx.export(
+        module,
+        (x,),
+        buf,
+        dynamo=False,
+        do_constant_folding=False,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}},
+    )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def test_quick_folded_resnet_mini_cli_round_trip(tmp_path):
+    """bnfold fold's report localises a broken fold of a real network through the CLI."""
+    original = _export("resnet-mini")
+    folded, report = bnfold.fold(original)
+    assert len(report.folded) >= 5
+    onnx.save(original, tmp_path / "o.onnx")
+    onnx.save(folded, tmp_path / "f.onnx")
+    (tmp_path / "fold.json").write_text(report.to_json())
+    # Break the fold of the middle site.
+    site = report.folded[len(report.folded) // 2]
+    broken = onnx.ModelProto()
+    broken.CopyFrom(folded)
+    weight = next(n.input[1] for n in broken.graph.node if n.name == site.target)
+    for t in broken.graph.initializer:
+        if t.name == weight:
+            arr = onnx.numpy_helper.to_array(t) * 1.001
+            t.CopyFrom(onnx.numpy_helper.from_array(arr.astype("float32"), weight))
+    onnx.save(broken, tmp_path / "b.onnx")
+
+    app = typer.Typer()
+    app.command("verify")(verify_cmd.verify)
+    app.command("noop")(lambda: None)
+    cli = CliRunner()
+    ok = cli.invoke(app, ["verify", str(tmp_path / "o.onnx"), str(tmp_path / "f.onnx"), "-q"])
+    assert ok.exit_code == 0, ok.output
+    bad = cli.invoke(
+        app,
+        [
+            "verify",
+            str(tmp_path / "o.onnx"),
+            str(tmp_path / "b.onnx"),
+            "--fold-report",
+            str(tmp_path / "fold.json"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--batches",
+            "2",
+        ],
+    )
+    assert bad.exit_code == 1, bad.output
+    assert json.loads((tmp_path / "r.json").read_text())["localisation"]["bn"] == site.bn
+
+
+@pytest.mark.parametrize("name", [n for n, s in REGISTRY.items() if not s.heavy])
+def test_every_folded_reference_model_verifies(name):
+    original = _export(name)
+    folded, _ = bnfold.fold(original)
+    report = verify(original, folded, num_batches=4)
+    assert report.passed, str(report)
+    module, _ = build(name)
+    # And against the float64 PyTorch module itself.
+    assert verify(module, folded, num_batches=2).passed
