@@ -87,7 +87,7 @@ def main() -> None:
 
     from bnfold.onnxfold import fold_file, fold_onnx
 
-    console = Console()
+    console = Console(width=110)
     work = Path(tempfile.mkdtemp(prefix="bnfold-bench-"))
     src = args.file
     if src is None:

@@ -78,3 +78,21 @@ def test_external_data_round_trip(tmp_path):
     single = tmp_path / "out" / "single.onnx"
     fold_file(src, single, external_data=False)
     assert not load_onnx_info(single).external_data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "exporter", [pytest.param("torchscript", id="quick-torchscript"), "dynamo"]
+)
+def test_resnet50_folds_every_bn(tmp_path, exporter):
+    """The ~100 MB ResNet-50 of the benchmark folds completely, through files, and matches."""
+    module, example = build("resnet50")
+    src = tmp_path / "resnet50.onnx"
+    m = export_module(module, example, exporter, src)
+    dst = tmp_path / "folded.onnx"
+    report = fold_file(src, dst)
+    assert len(report.folded) == bn_count(m) == 53
+    folded = onnx.load(str(dst))
+    assert bn_count(folded) == 0
+    inputs = {m.graph.input[0].name: example.numpy()}
+    assert max_rel_error(run(m, inputs), run(folded, inputs)) <= 1e-5
