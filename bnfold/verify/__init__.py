@@ -241,7 +241,13 @@ def _ort_candidate(
             f"{provider} is not available in this onnxruntime; available providers: "
             + ", ".join(available)
         )
-    runner = OrtRunner(src, provider, optimized=True)
+    try:
+        runner = OrtRunner(src, provider, optimized=True)
+    except BadInputError as e:
+        if provider == "CPUExecutionProvider":
+            raise
+        # The model loads on CPU (the reference did); this provider is what failed to start.
+        return None, f"{provider} could not start a session: {e}"
     if provider not in runner.session.get_providers():
         # onnxruntime falls back to CPU when a provider's libraries fail to load: that run
         # would not be the requested one.

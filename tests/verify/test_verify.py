@@ -344,3 +344,17 @@ def test_bnfold_verify_is_callable_after_submodule_imports(chain, folded_chain):
     folded, _ = folded_chain
     assert bnfold.verify(chain, folded).passed
     assert isinstance(bnfold.verify(chain, folded), bnfold.VerifyReport)
+
+
+def test_provider_that_fails_to_start_is_not_run(chain, folded_chain, monkeypatch):
+    """A provider onnxruntime lists but cannot start reports not-run, not a crash or a pass."""
+    import bnfold.verify as verify_pkg
+
+    folded, _ = folded_chain
+    monkeypatch.setattr(
+        verify_pkg, "available_providers", lambda: ["FakeExecutionProvider", "CPUExecutionProvider"]
+    )
+    report = verify(chain, folded, providers=("cpu", "FakeExecutionProvider"))
+    assert [p.verdict for p in report.providers] == ["pass", "not-run"]
+    assert "could not start" in report.providers[1].reason
+    assert not report.passed
