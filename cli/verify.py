@@ -106,7 +106,7 @@ def verify(
     batches: Annotated[
         int | None,
         typer.Option(
-            "--batches", help="Batches to compare [default: 1 generated, or all of --data]."
+            "--batches", help="Batches to compare (default: 1 generated, or all of --data)."
         ),
     ] = None,
     allow_pickle: Annotated[
