@@ -61,6 +61,7 @@ def _loads(path: Path) -> bool:
 def export(name: str, exporter: str, path: Path) -> None:
     """Export a registered model with every BN kept (no exporter-side folding)."""
     import torch
+
     from bnfold.models import build
 
     module, example = build(name)

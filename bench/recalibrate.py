@@ -22,10 +22,10 @@ import time
 
 import numpy as np
 import torch
-from bnfold.models import build
 from torch.optim.swa_utils import update_bn
 
 import bnfold
+from bnfold.models import build
 
 
 def oracle_var(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

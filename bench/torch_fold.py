@@ -24,10 +24,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from bnfold.models import build, names
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfold.models import build, names
 from bnfold.torchfold import count_batchnorms, fold_torch
 
 

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from bnfold.models import build
 
 import bnfold
+from bnfold.models import build
 from bnfold.onnx_io import save_onnx
 
 

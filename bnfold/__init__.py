@@ -55,17 +55,17 @@ _LAZY = {
     "fold": "bnfold.api",
     "recalibrate": "bnfold.recalib",
     "RecalibrationReport": "bnfold.recalib",
-    "verify": "bnfold.verify",
-    "VerifyReport": "bnfold.verify",
-    "export": "bnfold.export",
-    "ExportResult": "bnfold.export",
+    "verify": "bnfold.verification",
+    "VerifyReport": "bnfold.verification",
+    "export": "bnfold.pipeline",
+    "ExportResult": "bnfold.pipeline",
 }
 
 if TYPE_CHECKING:
     from bnfold.api import fold
-    from bnfold.export import ExportResult, export
+    from bnfold.pipeline import ExportResult, export
     from bnfold.recalib import RecalibrationReport, recalibrate
-    from bnfold.verify import VerifyReport, verify
+    from bnfold.verification import VerifyReport, verify
 
 
 def __getattr__(name: str) -> Any:

@@ -4,6 +4,7 @@ API and renders; heavy imports happen inside the commands so ``bnfold --help`` i
 from __future__ import annotations
 
 import typer
+
 from bnfold.cli import export as export_cmd
 from bnfold.cli import fold as fold_cmd
 from bnfold.cli import recalibrate as recalibrate_cmd

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from bnfold.cli.common import EXIT_FAILED, console, fail, guarded
 
 
@@ -63,9 +64,8 @@ def export(
 
     def run() -> None:
         from bnfold.cli.render import render_fold_report
-
-        from bnfold.export import export as run_export
-        from bnfold.export import write_report
+        from bnfold.pipeline import export as run_export
+        from bnfold.pipeline import write_report
 
         recal_data = None
         if data is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from bnfold.cli.common import console, guarded
 
 _DIRECTIONS = ("backward", "forward", "both")
@@ -35,9 +36,8 @@ def fold(
     """
 
     def run() -> None:
-        from bnfold.cli.render import render_fold_report
-
         from bnfold.atomic import check_writable, write_text
+        from bnfold.cli.render import render_fold_report
         from bnfold.errors import BadInputError
 
         if direction not in _DIRECTIONS:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from bnfold.cli.common import console
 from rich.table import Table
 
+from bnfold.cli.common import console
 from bnfold.report import FoldReport
 
 __all__ = ["render_fold_report"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bnfold.cli.common import console
 from rich import box
 from rich.table import Table
+
+from bnfold.cli.common import console
 
 __all__ = ["render_verify_report"]
 

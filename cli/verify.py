@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
 from bnfold.cli.common import EXIT_FAILED, EXIT_PROVIDER, console, fail, guarded
 
 __all__ = ["verify", "parse_tolerances"]
@@ -132,10 +133,9 @@ def verify(
     """
 
     def run() -> None:
-        from bnfold.cli.render_verify import render_verify_report
-
         from bnfold.atomic import check_writable, write_text
-        from bnfold.verify import verify as run_verify
+        from bnfold.cli.render_verify import render_verify_report
+        from bnfold.verification import verify as run_verify
 
         if json_path is not None:
             check_writable(json_path, inputs=(Path(original), Path(candidate)))

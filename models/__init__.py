@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from bnfold.models import nets
 from torch import nn
+
+from bnfold.models import nets
 
 __all__ = ["ModelSpec", "REGISTRY", "build", "names", "DEFAULT_MODEL"]
 

@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 import pytest
 import typer
-from bnfold.cli.fold import fold
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
+
+from bnfold.cli.fold import fold
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from bnfold.models import REGISTRY, build, names
 from onnxfold_util import bn_count, check_fold, feeds, max_rel_error, run
 
+from bnfold.models import REGISTRY, build, names
 from bnfold.onnx_io import load_onnx_info
 from bnfold.onnxfold import fold_file
 

@@ -7,10 +7,11 @@ import sys
 import numpy as np
 import onnx
 import torch
-from bnfold.cli.app import app
-from bnfold.models import build
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
+
+from bnfold.cli.app import app
+from bnfold.models import build
 
 runner = CliRunner()
 

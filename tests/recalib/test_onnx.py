@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from bnfold.models import build
 from onnx import helper, numpy_helper
 
 import bnfold
 from bnfold.errors import BadInputError, RecalibrationError
+from bnfold.models import build
 
 
 @pytest.fixture(scope="module")

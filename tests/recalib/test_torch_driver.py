@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from bnfold.models import build
 from torch import nn
 
 import bnfold
 from bnfold.errors import BadInputError, RecalibrationError
+from bnfold.models import build
 
 
 def _batches(x: torch.Tensor, bs: int) -> list[torch.Tensor]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bnfold.models import REGISTRY, build, names
 from torchfold_util import rel_err
 
+from bnfold.models import REGISTRY, build, names
 from bnfold.torchfold import count_batchnorms, fold_torch
 
 LIGHT = names(include_heavy=False)

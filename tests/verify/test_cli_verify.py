@@ -8,10 +8,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import typer
-from bnfold.cli import verify as verify_cmd
-from bnfold.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PROVIDER
 from typer.testing import CliRunner
 from verify_models import perturb
+
+from bnfold.cli import verify as verify_cmd
+from bnfold.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_PROVIDER
 
 app = typer.Typer(pretty_exceptions_enable=False)
 app.command("verify")(verify_cmd.verify)

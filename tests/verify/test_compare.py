@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bnfold.errors import BadInputError
-from bnfold.verify.compare import (
+from bnfold.verification.compare import (
     Accumulator,
     Tolerance,
     compare_arrays,

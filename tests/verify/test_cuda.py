@@ -15,13 +15,13 @@ import onnxruntime as ort
 import pytest
 import torch
 import typer
-from bnfold.cli import verify as verify_cmd
-from bnfold.models import build
 from typer.testing import CliRunner
 from verify_models import conv_bn_chain, perturb
 
 import bnfold
-from bnfold.verify import verify
+from bnfold.cli import verify as verify_cmd
+from bnfold.models import build
+from bnfold.verification import verify
 
 
 @functools.cache

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bnfold.errors import BadInputError
-from bnfold.verify.inputs import (
+from bnfold.verification.inputs import (
     InputSpec,
     generate_batches,
     load_batches,

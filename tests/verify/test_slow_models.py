@@ -9,12 +9,12 @@ import onnx
 import pytest
 import torch
 import typer
-from bnfold.cli import verify as verify_cmd
-from bnfold.models import REGISTRY, build
 from typer.testing import CliRunner
 
 import bnfold
-from bnfold.verify import verify
+from bnfold.cli import verify as verify_cmd
+from bnfold.models import REGISTRY, build
+from bnfold.verification import verify
 
 pytestmark = pytest.mark.slow
 

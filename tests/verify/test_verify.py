@@ -18,8 +18,8 @@ from verify_models import conv_bn_chain, perturb
 
 from bnfold import models
 from bnfold.errors import BadInputError
-from bnfold.verify import verify
-from bnfold.verify.runners import ModelSource, OrtRunner
+from bnfold.verification import verify
+from bnfold.verification.runners import ModelSource, OrtRunner
 
 
 def test_correct_fold_passes(chain, folded_chain):
@@ -338,8 +338,12 @@ def test_torch_against_torch_with_example_inputs():
 
 
 def test_bnfold_verify_is_callable_after_submodule_imports(chain, folded_chain):
+    """Public functions must not be shadowed by a package of the same name."""
     import bnfold
-    import bnfold.verify.compare  # binds bnfold.verify to the package
+    import bnfold.pipeline
+    import bnfold.verification.compare
+
+    assert callable(bnfold.export)
 
     folded, _ = folded_chain
     assert bnfold.verify(chain, folded).passed
@@ -349,7 +353,7 @@ def test_bnfold_verify_is_callable_after_submodule_imports(chain, folded_chain):
 @pytest.mark.filterwarnings("ignore:Specified provider")
 def test_provider_that_fails_to_start_is_not_run(chain, folded_chain, monkeypatch):
     """A provider onnxruntime lists but cannot start reports not-run, not a crash or a pass."""
-    import bnfold.verify as verify_pkg
+    import bnfold.verification as verify_pkg
 
     folded, _ = folded_chain
     monkeypatch.setattr(

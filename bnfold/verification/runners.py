@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.errors import BadInputError, UnsupportedModelError
-from bnfold.verify.inputs import Batch, InputSpec, specs_from_session
+from bnfold.verification.inputs import Batch, InputSpec, specs_from_session
 
 __all__ = [
     "PROVIDER_ALIASES",

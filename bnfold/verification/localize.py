@@ -28,10 +28,10 @@ import numpy as np
 from bnfold.errors import BadInputError
 from bnfold.report import FoldReport
 from bnfold.sites import Direction, FoldDecision, SkipCode
-from bnfold.verify.compare import ToleranceArg, compare_arrays, resolve_tolerance
-from bnfold.verify.inputs import Batch
-from bnfold.verify.report import Localisation
-from bnfold.verify.runners import ModelSource, OrtRunner
+from bnfold.verification.compare import ToleranceArg, compare_arrays, resolve_tolerance
+from bnfold.verification.inputs import Batch
+from bnfold.verification.report import Localisation
+from bnfold.verification.runners import ModelSource, OrtRunner
 
 __all__ = ["DEFAULT_CHUNK", "ordered_sites", "localise", "load_fold_report"]
 

@@ -8,16 +8,15 @@ onnxruntime's default optimizations on each requested provider, a PyTorch candid
 on ``cpu`` or ``cuda``. A provider that cannot run is reported as *not run*, never passed.
 
 Every output of every provider gets error statistics and an ``allclose``-style verdict whose
-tolerances default from the dtype (see :mod:`bnfold.verify.compare`). With a FoldReport, a
+tolerances default from the dtype (see :mod:`bnfold.verification.compare`). With a FoldReport, a
 failing verification names the first fold whose preserved tensor differs
-(:mod:`bnfold.verify.localize`).
+(:mod:`bnfold.verification.localize`).
 """
 
 from __future__ import annotations
 
 import itertools
 import sys
-import types
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,17 +25,17 @@ import numpy as np
 
 from bnfold.errors import BadInputError
 from bnfold.report import FoldReport
-from bnfold.verify.compare import Accumulator, OutputStats, ToleranceArg, resolve_tolerance
-from bnfold.verify.inputs import (
+from bnfold.verification.compare import Accumulator, OutputStats, ToleranceArg, resolve_tolerance
+from bnfold.verification.inputs import (
     Batch,
     InputSpec,
     generate_batches,
     load_batches,
     parse_shapes,
 )
-from bnfold.verify.localize import DEFAULT_CHUNK, load_fold_report, localise
-from bnfold.verify.report import Localisation, ProviderResult, VerifyReport
-from bnfold.verify.runners import (
+from bnfold.verification.localize import DEFAULT_CHUNK, load_fold_report, localise
+from bnfold.verification.report import Localisation, ProviderResult, VerifyReport
+from bnfold.verification.runners import (
     ModelSource,
     OrtRunner,
     TorchRunner,
@@ -75,7 +74,7 @@ def verify(
         inputs: one batch given directly: an array/tensor (single-input models), a tuple of
             them (in input order) or a mapping input name -> array.
         data: real batches: ``.npy``/``.npz`` path, array, mapping, or an iterable such as a
-            DataLoader (see :mod:`bnfold.verify.inputs`).
+            DataLoader (see :mod:`bnfold.verification.inputs`).
         providers: where the candidate runs: ``cpu``, ``cuda`` or onnxruntime provider names
             (a comma-separated string works too).
         rtol: relative tolerance for every output (float) or by output name (mapping;
@@ -399,19 +398,3 @@ def _progress(enabled: bool | None) -> Any:
         console=Console(stderr=True),
         transient=True,
     )
-
-
-class _CallableModule(types.ModuleType):
-    """This package, callable as :func:`verify`.
-
-    ``bnfold.verify`` is both the public function and this package's name: once any
-    ``bnfold.verify.*`` module is imported, Python binds the attribute ``verify`` of
-    ``bnfold`` to the package, shadowing the function. Calling the package runs the function,
-    so ``bnfold.verify(original, folded)`` works whichever was imported first.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> VerifyReport:
-        return verify(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

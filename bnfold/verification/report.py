@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bnfold.verify.compare import OutputStats, _json_float
+from bnfold.verification.compare import OutputStats, _json_float
 
 __all__ = ["Verdict", "ProviderResult", "Localisation", "VerifyReport"]
 

@@ -212,7 +212,7 @@ def export(
         batchnorms_left=left,
     )
     if verify:
-        from bnfold.verify import verify as run_verify
+        from bnfold.verification import verify as run_verify
 
         result.verify_report = run_verify(
             reference,
