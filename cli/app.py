@@ -16,6 +16,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Markdown mode re-wraps docstring paragraphs to the terminal instead of keeping line breaks.
+    rich_markup_mode="markdown",
 )
 
 app.command("export")(export_cmd.export)
