@@ -265,13 +265,15 @@ def _even_of(pair: list[float]) -> float:
     return pair[0]
 
 
-_BF16_GRID = np.unique(
-    np.arange(0, 2**16, dtype=np.uint32)
-    .astype(np.uint16)
-    .view(ml_dtypes.bfloat16)
-    .astype(np.float64)
-)
-_BF16_GRID = _BF16_GRID[np.isfinite(_BF16_GRID)]
+def _bf16_grid() -> np.ndarray:
+    """Every finite bfloat16 value, sorted (NaN bit patterns included, then dropped)."""
+    with np.errstate(invalid="ignore"):
+        values = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(ml_dtypes.bfloat16)
+        grid = np.unique(values.astype(np.float64))
+    return grid[np.isfinite(grid)]
+
+
+_BF16_GRID = _bf16_grid()
 
 
 @given(
