@@ -193,7 +193,8 @@ def export(
         if isinstance(loaded, torch.export.ExportedProgram):
             loaded = loaded.module()
         recalibration = recalibrate(loaded, data, num_batches=num_batches, progress=progress)
-        loaded = getattr(recalibration, "model", None) or loaded
+        if getattr(recalibration, "model", None) is not None:
+            loaded = recalibration.model
 
     reference = loaded.module() if isinstance(loaded, torch.export.ExportedProgram) else loaded
     folded, torch_report = fold_torch(loaded, inputs, direction=direction)
