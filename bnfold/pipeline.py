@@ -192,7 +192,9 @@ def export(
 
         if isinstance(loaded, torch.export.ExportedProgram):
             loaded = loaded.module()
-        recalibration = recalibrate(loaded, data, num_batches=num_batches, progress=progress)
+        recalibration = recalibrate(
+            loaded, data, num_batches=num_batches, progress=progress, inplace=False
+        )
         if getattr(recalibration, "model", None) is not None:
             loaded = recalibration.model
 

@@ -85,6 +85,8 @@ def export(
             allow_pickle=allow_pickle,
             progress=not quiet,
         )
+        if result.recalibration is not None:
+            console.print(result.recalibration.summary())
         console.print("[bold]PyTorch fold[/]")
         render_fold_report(result.torch_report)
         console.print("[bold]ONNX fold (exported graph)[/]")
