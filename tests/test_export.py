@@ -122,3 +122,24 @@ def test_cli_export_bad_input_is_one_line(tmp_path: Path, args: list[str], messa
     assert message in res.output
     assert "Traceback" not in res.output
     assert not any(p.suffix == ".onnx" for p in tmp_path.rglob("*"))
+
+
+def test_export_recalibrates_a_copy_then_folds(tmp_path: Path) -> None:
+    module, x = build("conv1d")
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, *x.shape[1:], generator=gen) * 3 + 1 for _ in range(4)]
+    out = tmp_path / "m.onnx"
+    result = bnfold.export(module, out, example_inputs=x, data=data, progress=False)
+    assert result.passed and result.recalibration is not None
+    assert len(result.recalibration.updated) == 2
+    for k, v in module.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(v, before[k]), k
+    expected = bnfold.recalibrate(module, data, progress=False, inplace=False).model
+    with torch.no_grad():
+        ref = expected.double()(x.double()).numpy()
+        stale = module.double()(x.double()).numpy()
+    got = _run(out, x)
+    scale = max(1.0, np.abs(ref).max())
+    assert np.abs(got - ref).max() <= 1e-5 * scale
+    assert np.abs(got - stale).max() > 1e-3 * scale
