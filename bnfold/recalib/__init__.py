@@ -12,17 +12,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from bnfold.errors import BadInputError
 from bnfold.recalib.data import ForwardFn
+from bnfold.recalib.options import MODES, Options
 from bnfold.recalib.report import BNStats, RecalibrationReport
 from bnfold.recalib.stats import ESTIMATORS
 
 __all__ = ["recalibrate", "RecalibrationReport", "BNStats", "MODES", "ESTIMATORS"]
 
-MODES: tuple[str, ...] = ("population", "batch")
-
 
 def _is_onnx(model: Any) -> bool:
+    """A ``.onnx`` path or an ``onnx.ModelProto`` (checked without importing onnx)."""
     if isinstance(model, str | Path):
         return str(model).endswith(".onnx")
     return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
@@ -87,31 +86,7 @@ def recalibrate(
     statistics are gathered and merged exactly in rank order, so every rank ends with the same
     bits (torch path).
     """
-    if mode not in MODES:
-        raise BadInputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
-    if estimator not in ESTIMATORS:
-        raise BadInputError(
-            f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}"
-        )
-    if _is_onnx(model):
-        from bnfold.recalib.onnx_driver import recalibrate_onnx
-
-        return recalibrate_onnx(
-            model,
-            data,
-            num_samples=num_samples,
-            num_batches=num_batches,
-            mode=mode,
-            estimator=estimator,
-            progress=progress,
-            check_finite=check_finite,
-            providers=providers,
-        )
-    from bnfold.recalib.torch_driver import recalibrate_torch
-
-    return recalibrate_torch(
-        model,
-        data,
+    options = Options(
         num_samples=num_samples,
         num_batches=num_batches,
         forward_fn=forward_fn,
@@ -121,4 +96,12 @@ def recalibrate(
         progress=progress,
         inplace=inplace,
         check_finite=check_finite,
+        providers=providers,
     )
+    if _is_onnx(model):
+        from bnfold.recalib.onnx_driver import recalibrate_onnx
+
+        return recalibrate_onnx(model, data, options)
+    from bnfold.recalib.torch_driver import recalibrate_torch
+
+    return recalibrate_torch(model, data, options)

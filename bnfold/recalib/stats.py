@@ -32,6 +32,7 @@ __all__ = [
     "ChannelStats",
     "BatchVarianceMean",
     "make_accumulator",
+    "Scratch",
     "batch_moments",
     "all_reduce_stats",
 ]
@@ -42,12 +43,36 @@ ESTIMATORS: tuple[str, ...] = ("exact", "batch-variance-mean")
 _F64 = torch.float64
 
 
-def batch_moments(x: torch.Tensor, channel_axis: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+class Scratch:
+    """A float64 work buffer reused across batches and BatchNorms.
+
+    Allocating a fresh float64 copy of every BN input for every batch costs more than the
+    reduction itself (the allocator returns large blocks to the OS, so each batch pays page
+    faults on megabytes of new memory). One buffer, grown to the largest input seen and shared
+    by all the BNs of a run (hooks run one at a time), removes that cost.
+    """
+
+    def __init__(self) -> None:
+        self._flat: dict[torch.device, torch.Tensor] = {}
+
+    def take(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A flat float64 tensor of ``numel`` elements on ``device`` (contents undefined)."""
+        flat = self._flat.get(device)
+        if flat is None or flat.numel() < numel:
+            flat = torch.empty(numel, dtype=_F64, device=device)
+            self._flat[device] = flat
+        return flat[:numel]
+
+
+def batch_moments(
+    x: torch.Tensor, channel_axis: int, scratch: Scratch | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Reduce one batch to per-channel ``(n, mean, M2)`` in float64.
 
     Args:
         x: the activations, any float dtype and device.
         channel_axis: the axis that holds the channels; every other axis is reduced.
+        scratch: a reusable work buffer (a fresh one is allocated when None).
 
     Returns:
         ``n`` (elements per channel) and float64 ``mean`` and ``M2`` of shape ``(C,)``.
@@ -59,7 +84,10 @@ def batch_moments(x: torch.Tensor, channel_axis: int) -> tuple[int, torch.Tensor
     # reductions (and a row-wise dot product for M2) run at memory speed, where reducing the
     # strided axes of an NCHW tensor does not.
     moved = x.movedim(axis, 0)
-    rows = torch.empty(moved.shape, dtype=_F64, device=x.device)
+    if scratch is None:
+        rows = torch.empty(moved.shape, dtype=_F64, device=x.device)
+    else:
+        rows = scratch.take(x.numel(), x.device).view(moved.shape)
     rows.copy_(moved)
     rows = rows.view(channels, -1)
     mean = rows.mean(dim=1)
@@ -88,9 +116,14 @@ class ChannelStats:
         self.m2 = torch.zeros(channels, dtype=_F64, device=device)
         self.batches = 0
 
-    def update(self, x: torch.Tensor, channel_axis: int = 1) -> None:
+    def update(
+        self, x: torch.Tensor, channel_axis: int = 1, scratch: Scratch | None = None
+    ) -> None:
         """Add one batch of activations whose channels lie on ``channel_axis``."""
-        n, mean, m2 = batch_moments(x.detach(), channel_axis)
+        self.add_batch(*batch_moments(x.detach(), channel_axis, scratch))
+
+    def add_batch(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Add one batch already reduced by :func:`batch_moments` (its ``n``, mean and M2)."""
         self.merge(n, mean, m2)
         self.batches += 1
 
@@ -143,8 +176,7 @@ class BatchVarianceMean(ChannelStats):
 
     estimator: Estimator = "batch-variance-mean"
 
-    def update(self, x: torch.Tensor, channel_axis: int = 1) -> None:
-        n, mean, m2 = batch_moments(x.detach(), channel_axis)
+    def add_batch(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if n == 0:
             return
         # store running sums of batch means and batch variances in mean/m2; count = batches
@@ -168,15 +200,6 @@ class BatchVarianceMean(ChannelStats):
         self.mean = self.mean + mean.to(self.mean.device, _F64)
         self.m2 = self.m2 + m2.to(self.m2.device, _F64)
         self.count += n
-
-    def state(self) -> torch.Tensor:
-        count = torch.full_like(self.mean, float(self.count))
-        return torch.stack([count, self.mean, self.m2])
-
-    def merge_state(self, state: torch.Tensor, batches: int = 0) -> None:
-        n = int(state[0, 0].item()) if state.shape[1] else 0
-        self.merge(n, state[1], state[2])
-        self.batches += batches
 
 
 def make_accumulator(

@@ -39,6 +39,7 @@ deep copy instead). NaN/Inf activations stop the run naming the first BN that re
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -51,14 +52,22 @@ from torch import nn
 
 from bnfold.errors import BadInputError, RecalibrationError
 from bnfold.recalib.data import ForwardFn, _truncate, batch_size, call_model, iter_budget, to_device
+from bnfold.recalib.options import Options
 from bnfold.recalib.report import BNStats, RecalibrationReport
-from bnfold.recalib.stats import ChannelStats, all_reduce_stats, make_accumulator
+from bnfold.recalib.stats import (
+    ChannelStats,
+    Scratch,
+    all_reduce_stats,
+    batch_moments,
+    make_accumulator,
+)
 
-__all__ = ["MODES", "recalibrate_torch"]
-
-MODES: tuple[str, ...] = ("population", "batch")
+__all__ = ["recalibrate_torch"]
 
 _FUNCTIONAL_BN = (torch.ops.aten.batch_norm.default, F.batch_norm)
+# BN types whose forward is exactly F.batch_norm: their batch-mode normalisation can reuse
+# bnfold's moments
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class _FunctionalBatchNorm(nn.Module):
@@ -106,6 +115,11 @@ class _Site:
     @property
     def channels(self) -> int:
         return self.running_mean.numel()
+
+    @property
+    def normalises_itself(self) -> bool:
+        """Whether batch mode can normalise with bnfold's moments (the forward is batch_norm)."""
+        return isinstance(self.module, _FunctionalBatchNorm) or type(self.module) in _PLAIN_BN
 
     def set_batch_stats(self, on: bool) -> None:
         m = self.module
@@ -250,7 +264,7 @@ def _dist_world() -> int:
     return 1
 
 
-def _dist_sum(value: int, device: torch.device) -> int:
+def _dist_sum(value: int, device: torch.device | None = None) -> int:
     import torch.distributed as dist
 
     if _dist_world() == 1:
@@ -410,63 +424,138 @@ def _progress(enabled: bool) -> Any:
     )
 
 
+class _StopPass(BaseException):
+    """Raised by the last measured BN call of a forward: the rest of the network is not needed.
+
+    A ``BaseException``, so a model that catches ``Exception`` inside its forward cannot
+    swallow it.
+    """
+
+
+@dataclass(eq=False)
+class _PassState:
+    """What the measuring forwards of one pass share."""
+
+    scratch: Scratch
+    order: list[_Site] = field(default_factory=list)
+    calls: int = 0
+    stop_at: int = 0
+
+
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def _measuring_forward(site: _Site, state: _PassState, batch_stats: bool) -> Any:
+    """A replacement ``forward`` for ``site.module`` that measures its input, then normalises.
+
+    The input is reduced once, to float64 ``(n, mean, M2)``, which feed the accumulator. In
+    batch mode the same moments then normalise the input (an inference-mode ``batch_norm``
+    with the batch's mean and biased variance, which is what a training-mode BN computes), so
+    the input is not reduced a second time by the BN itself. Modules of other types
+    (``SyncBatchNorm``, subclasses with their own forward) keep their own forward, switched to
+    batch statistics by :meth:`_Site.set_batch_stats`.
+    """
+    module = site.module
+    acc = site.acc
+    original = module.forward
+    functional = isinstance(module, _FunctionalBatchNorm)
+    own_norm = batch_stats and site.normalises_itself
+    eps = float(module.eps)
+
+    def forward(x: torch.Tensor, *rest: Any) -> torch.Tensor:
+        n, mean, m2 = batch_moments(x.detach(), 1, state.scratch)
+        acc.add_batch(n, mean, m2)
+        site.samples += int(x.shape[0]) if x.dim() else 1
+        if site not in state.order:
+            state.order.append(site)
+        state.calls += 1
+        if state.calls == state.stop_at:
+            raise _StopPass
+        if not own_norm:
+            return original(x, *rest)
+        weight, bias = (rest[0], rest[1]) if functional else (module.weight, module.bias)
+        var = m2 / max(n, 1)
+        if _half(x.dtype):
+            # half-precision BNs normalise in float32, as training-mode batch_norm does
+            y = F.batch_norm(
+                x.float(),
+                mean.float(),
+                var.float(),
+                None if weight is None else weight.float(),
+                None if bias is None else bias.float(),
+                False,
+                0.0,
+                eps,
+            )
+            return y.to(x.dtype)
+        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), weight, bias, False, 0.0, eps)
+
+    return forward
+
+
+def _check_finite(order: list[_Site], batch: int) -> None:
+    """Stop naming the first BN whose statistics turned NaN/Inf (NaN persists in the merge)."""
+    flags = torch.stack(
+        [torch.isfinite(s.acc.m2).all() & torch.isfinite(s.acc.mean).all() for s in order]
+    ).tolist()
+    for s, ok in zip(order, flags, strict=True):
+        if not ok:
+            raise RecalibrationError(
+                f"BatchNorm {s.name!r} received NaN or Inf activations in batch {batch}; check "
+                "the data and the layers before it"
+            )
+
+
 def _run_pass(
     runner: nn.Module,
     sites: list[_Site],
     data: Iterable[Any],
     *,
-    num_samples: int | None,
-    num_batches: int | None,
-    forward_fn: ForwardFn | None,
+    options: Options,
     device: torch.device | None,
-    check_finite: bool,
+    scratch: Scratch,
     progress: Any,
     description: str,
 ) -> tuple[int, int]:
-    """One pass over the data with the active sites observed; returns (batches, samples)."""
+    """One pass over the data with the active sites measured; returns (batches, samples).
+
+    The first batch runs the whole forward and counts the calls of active BNs; every later
+    batch stops (:class:`_StopPass`) right after that many calls, so a pass costs only the
+    prefix of the network up to its deepest measured BN. This assumes the BN calls of a
+    forward do not depend on the data, as in every static-shape network.
+    """
     active = [s for s in sites if s.active]
-    order: list[_Site] = []
-
-    def make_hook(site: _Site) -> Any:
-        def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
-            site.acc.update(x, 1)
-            site.samples += int(x.shape[0]) if x.dim() else 1
-            if site not in order:
-                order.append(site)
-
-        return pre
-
-    handles = [s.module.register_forward_pre_hook(make_hook(s)) for s in active]
+    state = _PassState(scratch)
+    batch_stats = options.mode == "batch"
+    patched: list[tuple[nn.Module, Any]] = []
+    for s in active:
+        # keep a forward the caller set on the instance, to put it back afterwards
+        patched.append((s.module, s.module.__dict__.get("forward")))
+        s.module.forward = _measuring_forward(s, state, batch_stats)
     batches = samples = 0
-    total = num_batches
-    task = progress.add_task(description, total=total)
+    task = progress.add_task(description, total=options.num_batches)
     try:
         with torch.no_grad():
             for i, batch in enumerate(
-                iter_budget(data, num_samples=num_samples, num_batches=num_batches)
+                iter_budget(data, num_samples=options.num_samples, num_batches=options.num_batches)
             ):
                 batch = to_device(batch, device)
-                call_model(runner, batch, forward_fn)
+                state.calls = 0
+                with contextlib.suppress(_StopPass):
+                    call_model(runner, batch, options.forward_fn)
+                if i == 0:
+                    state.stop_at = state.calls
                 batches += 1
                 samples += batch_size(batch)
-                if check_finite and order:
-                    flags = torch.stack(
-                        [
-                            torch.isfinite(s.acc.m2).all() & torch.isfinite(s.acc.mean).all()
-                            for s in order
-                        ]
-                    ).tolist()
-                    for s, ok in zip(order, flags, strict=True):
-                        if not ok:
-                            raise RecalibrationError(
-                                f"BatchNorm {s.name!r} received NaN or Inf activations in batch "
-                                f"{i + 1}; check the data and the layers before it"
-                            )
+                if options.check_finite and state.order:
+                    _check_finite(state.order, i + 1)
                 progress.advance(task)
     finally:
-        for h in handles:
-            h.remove()
+        for module, previous in patched:
+            del module.forward
+            if previous is not None:
+                module.forward = previous
         progress.remove_task(task)
     return batches, samples
 
@@ -504,23 +593,11 @@ def _report_entry(site: _Site) -> BNStats:
 
 
 def recalibrate_torch(
-    model: Any,
-    data: Iterable[Any],
-    *,
-    num_samples: int | None = None,
-    num_batches: int | None = None,
-    forward_fn: ForwardFn | None = None,
-    mode: str = "population",
-    estimator: str = "exact",
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    inplace: bool = True,
-    check_finite: bool = True,
+    model: Any, data: Iterable[Any], options: Options | None = None
 ) -> RecalibrationReport:
-    """Recalibrate a torch model; see :func:`bnfold.recalibrate` for the arguments."""
-    if mode not in MODES:
-        raise BadInputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
-    make_accumulator(estimator, 0)  # validates the name before any work
+    """Recalibrate a torch model; see :func:`bnfold.recalibrate` for the options."""
+    options = options or Options()
+    mode = options.mode
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
     elif not isinstance(model, nn.Module):
@@ -528,9 +605,9 @@ def recalibrate_torch(
             f"cannot recalibrate a {type(model).__name__}; pass an nn.Module, a GraphModule, an "
             "ExportedProgram or an ONNX model"
         )
-    elif not inplace:
+    elif not options.inplace:
         model = copy.deepcopy(model)
-    runner, sites, stateless = _sites(model, estimator)
+    runner, sites, stateless = _sites(model, options.estimator)
     if not sites:
         raise BadInputError(
             "the model has no BatchNorm with running statistics; nothing to recalibrate"
@@ -541,7 +618,7 @@ def recalibrate_torch(
             "iterate again (a DataLoader or a list), not a one-shot iterator; pass a re-iterable "
             "or mode='batch'"
         )
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(options.device) if options.device is not None else _model_device(model)
     for s in sites:
         s.old_mean = s.running_mean.detach().clone().cpu()
         s.old_var = s.running_var.detach().clone().cpu()
@@ -553,7 +630,11 @@ def recalibrate_torch(
         if hasattr(s.module, "track_running_stats")
     }
     report = RecalibrationReport(
-        model=model, framework="torch", mode=mode, estimator=estimator, world_size=_dist_world()
+        model=model,
+        framework="torch",
+        mode=mode,
+        estimator=options.estimator,
+        world_size=_dist_world(),
     )
     try:
         # flags set directly: ExportedProgram.module() refuses eval()
@@ -562,23 +643,18 @@ def recalibrate_torch(
         if runner is not model:
             for m in runner.modules():
                 m.training = False
-        with _progress(progress) as bar:
-            kw = dict(
-                num_samples=num_samples,
-                num_batches=num_batches,
-                forward_fn=forward_fn,
-                device=dev,
-                check_finite=check_finite,
-                progress=bar,
-            )
+        with _progress(options.progress) as bar:
+            scratch = Scratch()
             if mode == "batch":
                 for s in sites:
-                    s.set_batch_stats(True)
+                    if not s.normalises_itself:
+                        s.set_batch_stats(True)
                     s.active = True
                 groups = [sites]
             else:
-                first = next(iter(iter_budget(data, num_samples=num_samples, num_batches=1)), None)
-                levels = _levels(runner, sites, to_device(first, dev), forward_fn)
+                budget = iter_budget(data, num_samples=options.num_samples, num_batches=1)
+                first = next(iter(budget), None)
+                levels = _levels(runner, sites, to_device(first, dev), options.forward_fn)
                 for s, lv in zip(sites, levels, strict=True):
                     s.level = lv
                 groups = [[s for s in sites if s.level == lv] for lv in sorted(set(levels))]
@@ -589,8 +665,11 @@ def recalibrate_torch(
                     runner,
                     sites,
                     data,
+                    options=options,
+                    device=dev,
+                    scratch=scratch,
+                    progress=bar,
                     description=f"recalibrating (pass {k + 1}/{len(groups)})",
-                    **kw,
                 )
                 if k == 0:
                     report.batches, report.samples = batches, samples

@@ -51,7 +51,36 @@ def test_onnx_statistics_equal_torch_statistics(exported):
     onnx.checker.check_model(r_onnx.model)
 
 
-def _tiny_bn_model() -> onnx.ModelProto:
+@pytest.mark.parametrize("bs", [3, 7])
+def test_onnx_batch_mode_equals_torch_batch_mode(exported, bs):
+    model, proto = exported
+    x = torch.cat(_data())
+    data = [x[i : i + bs] for i in range(0, x.shape[0], bs)]
+    r_onnx = bnfold.recalibrate(proto, data, mode="batch", progress=False)
+    r_torch = bnfold.recalibrate(model, data, mode="batch", inplace=False, progress=False)
+    assert r_onnx.mode == "batch" and r_onnx.passes == 1
+    assert [b.level for b in r_onnx.bns] == [1] * 9
+    inits = {t.name: numpy_helper.to_array(t) for t in r_onnx.model.graph.initializer}
+    sd = r_torch.model.state_dict()
+    names = [n.input[3] for n in r_onnx.model.graph.node if n.op_type == "BatchNormalization"]
+    for name in names:
+        var_name = name.replace("running_mean", "running_var")
+        np.testing.assert_allclose(inits[name], sd[name].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(inits[var_name], sd[var_name].numpy(), rtol=1e-5)
+    # batch statistics differ from population ones downstream: the modes are really distinct
+    r_pop = bnfold.recalibrate(proto, data, progress=False)
+    pop = {t.name: numpy_helper.to_array(t) for t in r_pop.model.graph.initializer}
+    assert not np.allclose(pop[names[-1]], inits[names[-1]], rtol=1e-3)
+    # the result keeps inference BNs (training_mode lives only in the probe copy)
+    assert all(
+        a.name != "training_mode" or a.i == 0
+        for n in r_onnx.model.graph.node
+        for a in n.attribute
+    )
+    onnx.checker.check_model(r_onnx.model)
+
+
+def _tiny_bn_model(opset: int = 15) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 2, 3])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 2, 3])
     inits = [
@@ -62,7 +91,7 @@ def _tiny_bn_model() -> onnx.ModelProto:
     ]
     node = helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], name="bn")
     graph = helper.make_graph([node], "g", [x], [y], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_graph_input_bn_is_exact_and_unbiased(oracle, rel_err):
@@ -79,8 +108,9 @@ def test_graph_input_bn_is_exact_and_unbiased(oracle, rel_err):
 def test_onnx_errors():
     with pytest.raises(RecalibrationError, match="no batch"):
         bnfold.recalibrate(_tiny_bn_model(), [], progress=False)
-    with pytest.raises(BadInputError, match="population"):
-        bnfold.recalibrate(_tiny_bn_model(), [np.zeros((2, 2, 3), np.float32)], mode="batch")
+    old = _tiny_bn_model(opset=13)  # no training_mode before BatchNormalization-14
+    with pytest.raises(BadInputError, match="opset 13"):
+        bnfold.recalibrate(old, [np.zeros((2, 2, 3), np.float32)], mode="batch")
     bad = [np.full((2, 2, 3), np.nan, np.float32)]
     with pytest.raises(RecalibrationError, match="'bn'"):
         bnfold.recalibrate(_tiny_bn_model(), bad, progress=False)
