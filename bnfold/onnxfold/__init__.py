@@ -104,22 +104,49 @@ def fold_file(
     return report
 
 
+def _is_bn(n: onnx.NodeProto) -> bool:
+    return n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _nested_bns(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The BNs inside ``node``'s subgraphs (If branches, Loop/Scan bodies), recursively."""
+    found: list[onnx.NodeProto] = []
+    for sub in _subgraphs(node):
+        for n in sub.node:
+            if _is_bn(n):
+                found.append(n)
+            found.extend(_nested_bns(n))
+    return found
+
+
 def _bn_names(nodes: list[onnx.NodeProto]) -> dict[int, str]:
-    """A unique report name per BN: its node name, or ``BatchNormalization_<k>``."""
-    taken = {n.name for n in nodes if n.name}
+    """A unique report name per BN (subgraphs included): its node name, or
+    ``BatchNormalization_<k>``, written onto the node so report and model agree."""
+    everything = [*nodes, *(b for n in nodes for b in _nested_bns(n))]
+    taken = {n.name for n in everything if n.name}
+    seen: set[str] = set()
     names: dict[int, str] = {}
     k = 0
-    for n in nodes:
-        if n.op_type != "BatchNormalization" or n.domain not in ("", "ai.onnx"):
+    for n in everything:
+        if not _is_bn(n):
             continue
-        if n.name:
-            names[id(n)] = n.name
-        else:
+        if not n.name or n.name in seen:  # a nameless or repeated name cannot be reported
             while f"BatchNormalization_{k}" in taken:
                 k += 1
-            names[id(n)] = f"BatchNormalization_{k}"
-            taken.add(names[id(n)])
-            n.name = names[id(n)]
+            n.name = f"BatchNormalization_{k}"
+            taken.add(n.name)
+        seen.add(n.name)
+        names[id(n)] = n.name
     return names
 
 
@@ -128,13 +155,35 @@ def _fold_graph(model: onnx.ModelProto, direction: str) -> list[FoldDecision]:
     names = _bn_names(nodes)
     if not names:
         return []
+    main = [n for n in nodes if id(n) in names]
     g = GraphIndex(model)
     rewriter = Rewriter(g)
-    decisions = []
-    for node in nodes:
-        if id(node) in names:
-            decisions.append(_decide(g, rewriter, node, names[id(node)], direction))
+    decided = {id(n): _decide(g, rewriter, n, names[id(n)], direction) for n in main}
+    # A fold can give a skipped BN a partner: in BN -> BN -> Conv the first BN reads a BN
+    # until the second one folds forward. Retry the skipped ones while folds keep happening.
+    progress = any(d.folded for d in decided.values())
+    while progress:
+        progress = False
+        for n in main:
+            if not decided[id(n)].folded:
+                again = _decide(g, rewriter, n, names[id(n)], direction)
+                if again.folded:
+                    decided[id(n)] = again
+                    progress = True
     g.commit()
+    decisions = []
+    for n in nodes:
+        if id(n) in decided:
+            decisions.append(decided[id(n)])
+        decisions.extend(
+            FoldDecision.skip(
+                names[id(b)],
+                SkipCode.UNSUPPORTED,
+                f"BN is inside the subgraph of {n.op_type} {n.name or ''}".rstrip()
+                + "; only BNs of the main graph are folded",
+            )
+            for b in _nested_bns(n)
+        )
     return decisions
 
 

@@ -14,7 +14,7 @@ BN and are ignored too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -49,8 +49,6 @@ class Site:
         add: for MatMul + Add -> BN, the Add holding the bias.
         flatten: for BN -> Flatten -> Gemm/MatMul, the Flatten.
         repeat: spatial positions per channel after the Flatten (1 without one).
-        shape_readers: (node, tensor) pairs that read only the shape/dtype of a tensor the
-            fold removes; the rewrite points them at a same-shaped survivor.
     """
 
     bn: onnx.NodeProto
@@ -61,14 +59,21 @@ class Site:
     add: onnx.NodeProto | None = None
     flatten: onnx.NodeProto | None = None
     repeat: int = 1
-    shape_readers: list[tuple[onnx.NodeProto, str]] = field(default_factory=list)
 
 
 def bn_training(g: GraphIndex, bn: onnx.NodeProto) -> bool:
-    """A BN in training mode: ``training_mode=1``, or its running/saved statistics are read."""
+    """A BN in training mode, by the rules of its opset.
+
+    Opset 14 on: ``training_mode=1``. Opsets 7-13 have no attribute: the spec makes the
+    statistics outputs (running mean/var, saved mean/var) the mark of training mode, so a BN
+    with any of them named is in training mode even when nothing reads them. Opset 6 and
+    older: ``is_test=0``.
+    """
     if int(attr(bn, "training_mode", 0)):
         return True
     if g.opset < 7 and not int(attr(bn, "is_test", 0)):
+        return True
+    if g.opset < 14 and any(o for o in bn.output[1:]):
         return True
     return any(o and (g.users(o) or o in g.graph_outputs) for o in bn.output[1:])
 
@@ -86,21 +91,16 @@ def _shape_only(node: onnx.NodeProto, tensor: str) -> bool:
     return False
 
 
-def _readers(
-    g: GraphIndex, tensor: str, wanted: onnx.NodeProto, ignore: set[int]
-) -> tuple[list[str], list[tuple[onnx.NodeProto, str]]]:
-    """Names of readers of ``tensor`` besides ``wanted`` that see its values, and the
-    shape-only readers (which the rewrite re-points)."""
-    extra: list[str] = []
-    shape: list[tuple[onnx.NodeProto, str]] = []
-    for n in g.users(tensor):
-        if n is wanted or id(n) in ignore:
-            continue
-        if _shape_only(n, tensor):
-            shape.append((n, tensor))
-        else:
-            extra.append(_name(n))
-    return extra, shape
+def _readers(g: GraphIndex, tensor: str, wanted: onnx.NodeProto, ignore: set[int]) -> list[str]:
+    """Names of readers of ``tensor`` besides ``wanted`` that see its values.
+
+    Shape-only readers are left out: the rewrite re-points them at a same-shaped survivor.
+    """
+    return [
+        _name(n)
+        for n in g.users(tensor)
+        if n is not wanted and id(n) not in ignore and not _shape_only(n, tensor)
+    ]
 
 
 def _bn_param_nodes(g: GraphIndex, bn: onnx.NodeProto) -> set[int]:
@@ -135,7 +135,14 @@ def _dtype_problem(g: GraphIndex, partner: onnx.NodeProto, params: list[str]) ->
 def _bn_facts(g: GraphIndex, bn: onnx.NodeProto, name: str, direction: Direction) -> SiteFacts:
     facts = SiteFacts(bn=name, direction=direction, training=bn_training(g, bn))
     if g.opset < 9 and not int(attr(bn, "spatial", 1)):
-        facts.unsupported = "BN with spatial=0 normalises every position separately"
+        # spatial=0 keeps statistics per element (C x D1 x ... x Dn), which equal per-channel
+        # ones only when every spatial extent is 1.
+        shape = g.shape(bn.input[0])
+        if shape is None or len(shape) < 2 or any(d != 1 for d in shape[2:]):
+            facts.unsupported = (
+                "BN has spatial=0: it keeps statistics per element, not per channel, so no "
+                "per-channel weight can absorb it"
+            )
     return facts
 
 
@@ -176,13 +183,10 @@ def backward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
         return site
     ignore = _bn_param_nodes(g, bn)
     facts.graph_output = x in g.graph_outputs
-    extra, shape = _readers(g, x, bn, ignore)
+    facts.extra_users = _readers(g, x, bn, ignore)
     if add is not None:
         facts.graph_output |= producer.output[0] in g.graph_outputs
-        more, more_shape = _readers(g, producer.output[0], add, ignore)
-        extra += more
-        shape += more_shape
-    facts.extra_users, site.shape_readers = extra, shape
+        facts.extra_users += _readers(g, producer.output[0], add, ignore)
 
     params = _partner_params(producer, add)
     facts.non_constant = _non_constant(g, [*params, *bn.input[1:5]])
@@ -194,7 +198,7 @@ def backward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
     if producer.op_type == "MatMul":
         out = g.value_info(producer.output[0])
         facts.partner_axis = None if out is None or out.rank is None else out.rank - 1
-    if not facts.non_constant:
+    if not facts.non_constant and facts.partner_axis == facts.bn_axis:
         facts.dtype = _dtype_problem(g, producer, params)
         facts.unsupported = facts.unsupported or _channel_problem(g, bn, producer, params)
     return site
@@ -284,13 +288,10 @@ def forward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
     site.partner, site.flatten = consumer, flatten
     facts.partner, facts.partner_op = _name(consumer), consumer.op_type
     facts.graph_output = y in g.graph_outputs
-    extra, shape = _readers(g, y, first, ignore)
+    facts.extra_users = _readers(g, y, first, ignore)
     if flatten is not None:
         facts.graph_output |= flatten.output[0] in g.graph_outputs
-        more, more_shape = _readers(g, flatten.output[0], consumer, set())
-        extra += more
-        shape += more_shape
-    facts.extra_users, site.shape_readers = extra, shape
+        facts.extra_users += _readers(g, flatten.output[0], consumer, set())
     read = flatten.output[0] if flatten is not None else y
     if consumer.input[0] != read or read in consumer.input[1:]:
         facts.unsupported = f"{_name(consumer)} reads the BN output as a weight, not its input"
@@ -326,7 +327,7 @@ def forward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
         facts.partner_axis = 0
     else:
         facts.partner_axis = None if rank is None else rank - 1
-    if not facts.non_constant:
+    if not facts.non_constant and facts.partner_axis == facts.bn_axis:
         facts.dtype = _dtype_problem(g, consumer, params)
         facts.unsupported = facts.unsupported or _forward_channel_problem(g, bn, consumer, site)
     return site

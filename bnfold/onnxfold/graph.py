@@ -162,8 +162,12 @@ class GraphIndex:
                 del self.producer[o]
 
     def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> onnx.NodeProto:
-        """Append ``node`` to the graph, placed right after ``anchor`` by :meth:`commit`."""
-        self._pending.setdefault(id(anchor), []).append(node)
+        """Append ``node`` to the graph, placed right after ``anchor`` by :meth:`commit`.
+
+        A node inserted later goes *before* those inserted earlier: it takes over the
+        anchor's output name, so the earlier ones (which read that name) now read it.
+        """
+        self._pending.setdefault(id(anchor), []).insert(0, node)
         self._add_node(node)
         return node
 

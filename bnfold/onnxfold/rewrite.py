@@ -93,6 +93,44 @@ class Rewriter:
             self.exact[name] = value64
         return name
 
+    def _write_pair(
+        self,
+        bn_name: str,
+        w_name: str,
+        old_bias: str | None,
+        new_w: np.ndarray,
+        new_b: np.ndarray,
+        bn_params: list[str],
+        chain: bool,
+    ) -> tuple[str, str]:
+        """Write a fold's new weight and bias; a missing bias takes the weight's dtype."""
+        w_dtype = self._dtype_of(w_name)
+        b_dtype = self._dtype_of(old_bias) if old_bias else w_dtype
+        new_w_name = self._write(
+            w_name, bn_name, new_w, w_dtype, [*self._sources(w_name), *bn_params], w_name, chain
+        )
+        b_base = old_bias or f"{w_name}_bias"
+        b_sources = [*self._sources(old_bias), *bn_params] if old_bias else bn_params
+        new_b_name = self._write(
+            b_base, bn_name, new_b, b_dtype, b_sources, old_bias or w_name, chain
+        )
+        return new_w_name, new_b_name
+
+    def _add_bias_after(self, mm: onnx.NodeProto, bias: str, bn_name: str) -> onnx.NodeProto:
+        """Give a MatMul its bias: an Add after it takes over the MatMul's output name."""
+        g = self.g
+        out = mm.output[0]
+        g.set_output(mm, 0, g.unique_name(f"{out}__bnfold_matmul"))
+        add = helper.make_node(
+            "Add", [mm.output[0], bias], [out], name=g.unique_name(f"{bn_name}__bnfold_add")
+        )
+        return g.insert_after(mm, add)
+
+    def _remove_bn(self, bn: onnx.NodeProto) -> None:
+        self.g.remove_node(bn)
+        for i in bn.input:
+            self.g.consumers[i] = [n for n in self.g.consumers[i] if n is not bn]
+
     # ---- folds -----------------------------------------------------------------------------
 
     def apply(self, site: Site) -> FoldDecision:
@@ -108,7 +146,6 @@ class Rewriter:
         x, y = bn.input[0], bn.output[0]
         op = p.op_type
         w_name = p.input[1]
-        w_dtype = self._dtype_of(w_name)
         old_bias: str | None = None
         if site.add is not None:
             old_bias = bias_input(site.add, p)
@@ -142,14 +179,8 @@ class Rewriter:
             new_w, new_b = foldmath.fold_backward(w64, bias_flat, affine, foldmath.MATMUL)
         # A chain continues when another BN reads this fold's output.
         chain = any(n.op_type == "BatchNormalization" for n in g.users(y))
-        b_dtype = self._dtype_of(old_bias) if old_bias else w_dtype
-        new_w_name = self._write(
-            w_name, site.name, new_w, w_dtype, [*self._sources(w_name), *bn_params], w_name, chain
-        )
-        b_base = old_bias or f"{w_name}_bias"
-        b_sources = [*self._sources(old_bias), *bn_params] if old_bias else bn_params
-        new_b_name = self._write(
-            b_base, site.name, new_b, b_dtype, b_sources, old_bias or w_name, chain
+        new_w_name, new_b_name = self._write_pair(
+            site.name, w_name, old_bias, new_w, new_b, bn_params, chain
         )
         dead = [w_name, *bn.input[1:]] + ([old_bias] if old_bias else [])
 
@@ -159,14 +190,7 @@ class Rewriter:
             g.replace_input(site.add, old_bias, new_b_name)  # type: ignore[arg-type]
             out_node = site.add
         elif op == "MatMul":
-            mid = g.unique_name(f"{p.output[0]}__bnfold_matmul")
-            old_out = p.output[0]
-            g.set_output(p, 0, mid)
-            add = helper.make_node(
-                "Add", [mid, new_b_name], [old_out], name=g.unique_name(f"{site.name}__bnfold_add")
-            )
-            g.insert_after(p, add)
-            out_node = add
+            out_node = self._add_bias_after(p, new_b_name, site.name)
         elif old_bias is not None:
             g.replace_input(p, old_bias, new_b_name)
         else:
@@ -174,9 +198,7 @@ class Rewriter:
                 p.input.append("")
             p.input.append(new_b_name)
             g.consumers[new_b_name].append(p)
-        g.remove_node(bn)
-        for i in bn.input:
-            g.consumers[i] = [n for n in g.consumers[i] if n is not bn]
+        self._remove_bn(bn)
         g.set_output(out_node, 0, y)
         g.remove_dead(dead)
         # What still reads x reads only its shape or dtype (the guards saw to that), which y
@@ -199,7 +221,6 @@ class Rewriter:
         x, y = bn.input[0], bn.output[0]
         op = q.op_type
         w_name = q.input[1]
-        w_dtype = self._dtype_of(w_name)
         old_bias = q.input[2] if len(q.input) > 2 and q.input[2] else None
         bias64 = None if old_bias is None else self._value64(old_bias)
         w64 = self._value64(w_name)
@@ -223,27 +244,21 @@ class Rewriter:
             new_w, new_b = foldmath.fold_forward(
                 w64, None, affine, foldmath.MATMUL, repeat=site.repeat
             )
-        b_dtype = self._dtype_of(old_bias) if old_bias else w_dtype
         out = q.output[0]
-        chain = any(n.op_type == "BatchNormalization" for n in g.users(out))
-        new_w_name = self._write(
-            w_name, site.name, new_w, w_dtype, [*self._sources(w_name), *bn_params], w_name, chain
+        # A chain continues when another BN reads the consumer's output (backward) or feeds
+        # the BN folded now (forward, BN -> BN -> consumer).
+        before = g.producer.get(x)
+        chain = any(n.op_type == "BatchNormalization" for n in g.users(out)) or (
+            before is not None and before.op_type == "BatchNormalization"
         )
-        b_base = old_bias or f"{w_name}_bias"
-        b_sources = [*self._sources(old_bias), *bn_params] if old_bias else bn_params
-        new_b_name = self._write(
-            b_base, site.name, new_b, b_dtype, b_sources, old_bias or w_name, chain
+        new_w_name, new_b_name = self._write_pair(
+            site.name, w_name, old_bias, new_w, new_b, bn_params, chain
         )
         dead = [w_name, *bn.input[1:]] + ([old_bias] if old_bias else [])
 
         g.replace_input(q, w_name, new_w_name)
         if op == "MatMul":
-            mid = g.unique_name(f"{out}__bnfold_matmul")
-            g.set_output(q, 0, mid)
-            add = helper.make_node(
-                "Add", [mid, new_b_name], [out], name=g.unique_name(f"{site.name}__bnfold_add")
-            )
-            g.insert_after(q, add)
+            self._add_bias_after(q, new_b_name, site.name)
         elif old_bias is not None:
             g.replace_input(q, old_bias, new_b_name)
         else:
@@ -251,9 +266,7 @@ class Rewriter:
             g.consumers[new_b_name].append(q)
         reader = site.flatten if site.flatten is not None else q
         g.replace_input(reader, y, x)
-        g.remove_node(bn)
-        for i in bn.input:
-            g.consumers[i] = [n for n in g.consumers[i] if n is not bn]
+        self._remove_bn(bn)
         g.remove_dead(dead)
         for shape_reader in g.users(y):  # shape/dtype readers only; x has y's shape and dtype
             g.replace_input(shape_reader, y, x)
