@@ -73,9 +73,7 @@ def test_onnx_batch_mode_equals_torch_batch_mode(exported, bs):
     assert not np.allclose(pop[names[-1]], inits[names[-1]], rtol=1e-3)
     # the result keeps inference BNs (training_mode lives only in the probe copy)
     assert all(
-        a.name != "training_mode" or a.i == 0
-        for n in r_onnx.model.graph.node
-        for a in n.attribute
+        a.name != "training_mode" or a.i == 0 for n in r_onnx.model.graph.node for a in n.attribute
     )
     onnx.checker.check_model(r_onnx.model)
 
