@@ -8,6 +8,9 @@ It exports a model of ``bnfold.models`` with its BatchNorms kept, then times, in
 process and on the same file:
 
 * the I/O limit: ``onnx.load`` + ``onnx.save`` (no fold can be faster end to end);
+* a bare onnx-graphsurgeon ``import_onnx`` + ``export_onnx`` round trip (+ load/save), the
+  cost a graphsurgeon-based pass pays before folding anything: the measured reason bnfold
+  edits the ``ModelProto`` through an index instead;
 * ``bnfold fold`` end to end (load, fold, atomic save), and the fold alone in memory;
 * onnxruntime's basic-level graph optimization (session creation writing the optimized
   model), onnxoptimizer's ``fuse_bn_into_conv`` and the onnxscript BatchNorm rewrite rules,
@@ -113,6 +116,28 @@ def main() -> None:
     it = iter(loaded)
     mem = _best(lambda: fold_onnx(next(it), inplace=True), args.repeat)
     rows.append(("bnfold fold", e2e, mem, out))
+
+    try:
+        import onnx_graphsurgeon as gs
+
+        def gs_e2e() -> None:
+            graph = gs.import_onnx(onnx.load(str(src)))
+            onnx.save(gs.export_onnx(graph), str(work / "graphsurgeon.onnx"))
+
+        models_gs = [onnx.load(str(src)) for _ in range(args.repeat)]
+        it_gs = iter(models_gs)
+        gs_mem = _best(lambda: gs.export_onnx(gs.import_onnx(next(it_gs))), args.repeat)
+        # No fold at all: what an onnx-graphsurgeon based pass pays before folding anything.
+        rows.append(
+            (
+                "onnx-graphsurgeon import+export only",
+                _best(gs_e2e, args.repeat),
+                gs_mem,
+                work / "graphsurgeon.onnx",
+            )
+        )
+    except ImportError:
+        console.print("onnx-graphsurgeon missing: skipped")
 
     try:
         import onnxruntime as ort
