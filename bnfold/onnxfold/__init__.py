@@ -129,10 +129,14 @@ def _nested_bns(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     return found
 
 
-def _bn_names(nodes: list[onnx.NodeProto]) -> dict[int, str]:
-    """A unique report name per BN (subgraphs included): its node name, or
-    ``BatchNormalization_<k>``, written onto the node so report and model agree."""
-    everything = [*nodes, *(b for n in nodes for b in _nested_bns(n))]
+def _bn_names(nodes: list[onnx.NodeProto], nested: list[onnx.NodeProto]) -> dict[int, str]:
+    """A unique report name per BN (``nested``: those in subgraphs): its node name, or
+    ``BatchNormalization_<k>``, written onto the node so report and model agree.
+
+    Keys are ``id()`` of the given node objects, which the caller keeps alive: protobuf
+    hands out a new wrapper per access to a nested message.
+    """
+    everything = [*nodes, *nested]
     taken = {n.name for n in everything if n.name}
     seen: set[str] = set()
     names: dict[int, str] = {}
@@ -152,7 +156,8 @@ def _bn_names(nodes: list[onnx.NodeProto]) -> dict[int, str]:
 
 def _fold_graph(model: onnx.ModelProto, direction: str) -> list[FoldDecision]:
     nodes = list(model.graph.node)
-    names = _bn_names(nodes)
+    nested = {id(n): _nested_bns(n) for n in nodes}
+    names = _bn_names(nodes, [b for bs in nested.values() for b in bs])
     if not names:
         return []
     main = [n for n in nodes if id(n) in names]
@@ -182,7 +187,7 @@ def _fold_graph(model: onnx.ModelProto, direction: str) -> list[FoldDecision]:
                 f"BN is inside the subgraph of {n.op_type} {n.name or ''}".rstrip()
                 + "; only BNs of the main graph are folded",
             )
-            for b in _nested_bns(n)
+            for b in nested[id(n)]
         )
     return decisions
 

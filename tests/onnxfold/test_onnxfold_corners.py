@@ -156,7 +156,10 @@ def test_bn_in_subgraph_gets_a_decision(rng):
         )
     ]
     branch = helper.make_graph(
-        branch_nodes, "then", [], [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4, 4, 4])]
+        branch_nodes,
+        "then",
+        [],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4, 4, 4])],
     )
     other = helper.make_graph(
         [helper.make_node("Identity", ["y"], ["z2"])],
