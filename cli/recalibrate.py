@@ -128,7 +128,7 @@ def recalibrate(
         typer.Option(
             "--mode",
             help="population: upstream BNs use their new statistics, as at inference (one "
-            "pass per depth level); batch: upstream BNs use batch statistics (one pass, torch).",
+            "pass per depth level); batch: upstream BNs use batch statistics (one pass).",
         ),
     ] = "population",
     estimator: Annotated[
@@ -155,22 +155,18 @@ def recalibrate(
 
     def run() -> None:
         from bnfold.atomic import check_writable, write_text
+        from bnfold.data import load_data_spec
         from bnfold.errors import UnsupportedModelError
         from bnfold.recalib import recalibrate as recalibrate_api
-        from bnfold.recalib.data import load_data_spec
 
         check_writable(output, inputs=(Path(model),))
         if json is not None:
             check_writable(json, inputs=(Path(model), output))
         batches = load_data_spec(data, batch_size=batch_size)
-        if model.lower().endswith(".onnx"):
-            from bnfold.errors import BadInputError
-            from bnfold.onnx_io import load_onnx, save_onnx
 
-            if output.suffix.lower() != ".onnx":
-                raise BadInputError(f"an ONNX model is written as .onnx, not {output.name}")
-            report = recalibrate_api(
-                load_onnx(model),
+        def measure(target: Any, batches: Any) -> Any:
+            return recalibrate_api(
+                target,
                 batches,
                 num_samples=num_samples,
                 num_batches=num_batches,
@@ -178,6 +174,14 @@ def recalibrate(
                 estimator=estimator,
                 progress=progress,
             )
+
+        if model.lower().endswith(".onnx"):
+            from bnfold.errors import BadInputError
+            from bnfold.onnx_io import load_onnx, save_onnx
+
+            if output.suffix.lower() != ".onnx":
+                raise BadInputError(f"an ONNX model is written as .onnx, not {output.name}")
+            report = measure(load_onnx(model), batches)
             _render(report)
             save_onnx(report.model, output)
         else:
@@ -193,15 +197,7 @@ def recalibrate(
                 )
             module = loaded.module() if isinstance(loaded, torch.export.ExportedProgram) else loaded
             dtype = next((p.dtype for p in module.parameters()), torch.float32)
-            report = recalibrate_api(
-                module,
-                _Cast(batches, dtype),
-                num_samples=num_samples,
-                num_batches=num_batches,
-                mode=mode,
-                estimator=estimator,
-                progress=progress,
-            )
+            report = measure(module, _Cast(batches, dtype))
             _render(report)
             if example is None:
                 from bnfold.recalib.data import first_input

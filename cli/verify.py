@@ -54,6 +54,16 @@ def _load_model(src: str, allow_pickle: bool) -> Any:
     return model
 
 
+def _resolve_data(data: str | None) -> Any:
+    """A ``module:function`` spec becomes its iterable (so torch models can be checked on it);
+    a file path stays a path, read and checked by the verification library."""
+    if data is None:
+        return None
+    from bnfold.data import is_function_spec, load_function_spec
+
+    return load_function_spec(data) if is_function_spec(data) else data
+
+
 def verify(
     original: Annotated[
         str, typer.Argument(help="The reference model: .onnx file (or a torch model file/name).")
@@ -79,7 +89,11 @@ def verify(
     ] = None,
     data: Annotated[
         str | None,
-        typer.Option("--data", help="Real inputs: a .npy (single input) or .npz (by name) file."),
+        typer.Option(
+            "--data",
+            help="Real inputs: a .npy (single input) or .npz (by name) file, or module:function "
+            "returning an iterable of batches.",
+        ),
     ] = None,
     rtol: Annotated[
         list[str] | None,
@@ -142,7 +156,7 @@ def verify(
         report = run_verify(
             _load_model(original, allow_pickle),
             _load_model(candidate, allow_pickle),
-            data=data,
+            data=_resolve_data(data),
             providers=providers,
             rtol=parse_tolerances(rtol, "--rtol"),
             atol=parse_tolerances(atol, "--atol"),

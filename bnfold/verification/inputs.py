@@ -13,8 +13,9 @@ float32), integers are uniform in ``[0, 4)`` (small, so that index-like inputs s
 booleans are fair coin flips.
 
 Real data may be a ``.npy`` file (single-input models), a ``.npz`` file (one array per input
-name, or per position), a mapping of input name to array, an array, or any iterable of batches
-(a ``torch.utils.data.DataLoader`` included). An iterable batch may be a tensor, a mapping, or
+name, or per position), ``module:function`` returning an iterable of batches (files and specs
+are read by :mod:`bnfold.data`, shared with recalibration), a mapping of input name to array,
+an array, or any iterable of batches (a ``torch.utils.data.DataLoader`` included). An iterable batch may be a tensor, a mapping, or
 a tuple/list whose first ``n`` items feed the ``n`` model inputs in order (so ``(x, label)``
 pairs from a classification loader work as they are).
 """
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from bnfold.data import as_numpy, is_function_spec, load_function_spec, read_array_file
 from bnfold.errors import BadInputError
 
 __all__ = [
@@ -218,15 +220,6 @@ def generate_batches(
     ]
 
 
-def _to_numpy(value: Any, what: str) -> np.ndarray:
-    if type(value).__module__.startswith("torch"):
-        return value.detach().cpu().numpy()
-    try:
-        return np.asarray(value)
-    except Exception as e:  # numpy raises several types for ragged or odd objects
-        raise BadInputError(f"{what} cannot be read as an array ({e})") from None
-
-
 def _conform(spec: InputSpec, arr: np.ndarray, where: str) -> np.ndarray:
     """Check an array against an input's rank/fixed dims; cast it to the input's dtype.
 
@@ -271,10 +264,10 @@ def _split(specs: Sequence[InputSpec], arrays: Mapping[str, np.ndarray], where: 
 def _by_name(specs: Sequence[InputSpec], mapping: Mapping[str, Any], where: str) -> dict:
     names = [s.name for s in specs]
     if set(names) <= set(mapping):
-        return {n: _to_numpy(mapping[n], where) for n in names}
+        return {n: as_numpy(mapping[n], where) for n in names}
     if len(mapping) == len(names):
         # npz files saved with np.savez(*arrays) name them arr_0, arr_1, ...: feed by position.
-        return {n: _to_numpy(v, where) for n, v in zip(names, mapping.values(), strict=True)}
+        return {n: as_numpy(v, where) for n, v in zip(names, mapping.values(), strict=True)}
     missing = [n for n in names if n not in mapping]
     raise BadInputError(
         f"{where}: no data for input(s) {', '.join(missing)}; keys given: "
@@ -291,7 +284,7 @@ def _from_item(specs: Sequence[InputSpec], item: Any, where: str) -> Batch:
                 f"{where}: a batch holds {len(item)} item(s), the model has {len(specs)} inputs"
             )
         arrays = {
-            s.name: _to_numpy(v, where) for s, v in zip(specs, item[: len(specs)], strict=True)
+            s.name: as_numpy(v, where) for s, v in zip(specs, item[: len(specs)], strict=True)
         }
     else:
         if len(specs) != 1:
@@ -299,7 +292,7 @@ def _from_item(specs: Sequence[InputSpec], item: Any, where: str) -> Batch:
                 f"{where}: a single array cannot feed a model with {len(specs)} inputs; give a "
                 "mapping of input name to array"
             )
-        arrays = {specs[0].name: _to_numpy(item, where)}
+        arrays = {specs[0].name: as_numpy(item, where)}
     return {s.name: _conform(s, arrays[s.name], where) for s in specs}
 
 
@@ -328,7 +321,9 @@ def load_batches(
 
 
 def _iter_data(data: Any, specs: Sequence[InputSpec]) -> Iterator[Batch]:
-    if isinstance(data, (str, os.PathLike)):
+    if isinstance(data, str) and is_function_spec(data):
+        data = load_function_spec(data)
+    elif isinstance(data, (str, os.PathLike)):
         yield from _from_file(Path(data), specs)
         return
     if isinstance(data, np.ndarray) or type(data).__module__.startswith("torch._tensor"):
@@ -336,32 +331,25 @@ def _iter_data(data: Any, specs: Sequence[InputSpec]) -> Iterator[Batch]:
             raise BadInputError(
                 f"one array cannot feed a model with {len(specs)} inputs; give a mapping"
             )
-        yield from _split(specs, {specs[0].name: _to_numpy(data, "data")}, "data")
+        yield from _split(specs, {specs[0].name: as_numpy(data, "data")}, "data")
         return
     if isinstance(data, Mapping):
         yield from _split(specs, _by_name(specs, data, "data"), "data")
         return
     if not isinstance(data, Iterable):
         raise BadInputError(
-            f"data of type {type(data).__name__} is not usable; give a .npy/.npz path, an "
-            "array, a mapping or an iterable of batches"
+            f"data of type {type(data).__name__} is not usable; give a .npy/.npz path, "
+            "module:function, an array, a mapping or an iterable of batches"
         )
     for i, item in enumerate(data):
         yield _from_item(specs, item, f"data batch {i}")
 
 
 def _from_file(path: Path, specs: Sequence[InputSpec]) -> Iterator[Batch]:
-    if not path.is_file():
-        raise BadInputError(f"data file {path} does not exist; give a .npy or .npz file")
-    suffix = path.suffix.lower()
-    if suffix not in (".npy", ".npz"):
-        raise BadInputError(f"data file {path} must be .npy or .npz, not {suffix or 'no suffix'}")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as e:  # numpy raises ValueError/OSError/EOFError for corrupt files
-        raise BadInputError(f"cannot read data file {path}: {e}") from None
+    """A ``.npy`` feeds the single input; a ``.npz`` its arrays by name (or position)."""
+    loaded = read_array_file(path)
     where = str(path)
-    if suffix == ".npy":
+    if not isinstance(loaded, dict):
         if len(specs) != 1:
             raise BadInputError(
                 f"{path}: a .npy file feeds single-input models only; this one has "
@@ -369,6 +357,4 @@ def _from_file(path: Path, specs: Sequence[InputSpec]) -> Iterator[Batch]:
             )
         yield from _split(specs, {specs[0].name: loaded}, where)
         return
-    with loaded:
-        arrays = {k: loaded[k] for k in loaded.files}
-    yield from _split(specs, _by_name(specs, arrays, where), where)
+    yield from _split(specs, _by_name(specs, loaded, where), where)
