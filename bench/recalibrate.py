@@ -8,8 +8,10 @@ Two tables:
    class-ordered batches.
 2. Throughput over the same loader as a ratio to a bare ``torch.no_grad()`` forward (the
    limit): bnfold ``mode="batch"`` (one pass, the like-for-like comparison with update_bn),
-   ``update_bn``, and bnfold ``mode="population"`` (one pass per depth level; its ratio is per
-   pass and in total).
+   ``update_bn``, and bnfold ``mode="population"`` (one pass per depth level, each stopping
+   after its deepest BN; its ratio is in total and per pass on average).
+3. The ONNX driver's cost of building its probe copy with onnx-graphsurgeon, next to running
+   onnxruntime over the same data (``mode="batch"``: one probe copy, one pass).
 
 Run: ``python bench/recalibrate.py [--model resnet-mini] [--batches 16] [--batch-size 64]``.
 """
@@ -136,10 +138,32 @@ def throughput_table(model_name: str, batches: int, bs: int, repeats: int) -> No
         ("bnfold mode=batch (one pass)", t_batch),
         ("swa_utils.update_bn (one pass)", t_upd),
         (f"bnfold mode=population ({report.passes} passes)", t_pop),
-        ("bnfold mode=population, per pass", t_pop / report.passes),
+        ("bnfold mode=population, mean pass", t_pop / report.passes),
     ]
     for name, t in rows:
         print(f"{name:<40}{samples / t:>12.1f}{t_bare / t:>17.2f}x")
+
+
+def onnx_table(model_name: str, batches: int, bs: int) -> None:
+    import onnx_graphsurgeon as gs
+
+    model, example = build(model_name)
+    proto = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        dynamic_shapes=({0: "batch"},),
+        optimize=False,
+        verbose=False,
+    ).model_proto
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randn(bs, *example.shape[1:], generator=gen).numpy() for _ in range(batches)]
+    t_gs = timed(lambda: gs.export_onnx(gs.import_onnx(proto)), 3)
+    t_run = timed(lambda: bnfold.recalibrate(proto, data, mode="batch", progress=False), 1)
+    print(f"\nONNX driver ({model_name}, {batches} batches of {bs}, mode=batch)")
+    print(f"{'step':<44}{'seconds':>10}")
+    print(f"{'graphsurgeon import+export (once per pass)':<44}{t_gs:>10.4f}")
+    print(f"{'whole recalibration (one pass)':<44}{t_run:>10.4f}")
 
 
 def main() -> None:
@@ -153,6 +177,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     error_table(args.model, args.batches, args.batch_size)
     throughput_table(args.model, args.batches, args.batch_size, args.repeats)
+    onnx_table(args.model, args.batches, args.batch_size)
 
 
 if __name__ == "__main__":
