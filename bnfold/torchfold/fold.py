@@ -97,27 +97,44 @@ def fold_graph(
             if result is None and wanted:
                 decisions[node] = apply_fold(site, gm, origin)
                 folded.append(site)
+    asked = {Direction.BACKWARD: want_back, Direction.FORWARD: want_fwd}
     for node in bn_nodes:
         if node in decisions:
             continue
-        back, fwd = reasons[node].get(Direction.BACKWARD), reasons[node].get(Direction.FORWARD)
-        if not want_fwd and fwd is None and back is not None:
-            decisions[node] = FoldDecision.skip(
-                names[node],
-                SkipCode.DIRECTION_DISABLED,
-                "the BN can be folded forward into the layer after it, but only backward "
-                "folding was requested",
-            )
-        elif not want_back and back is None and fwd is not None:
-            decisions[node] = FoldDecision.skip(
-                names[node],
-                SkipCode.DIRECTION_DISABLED,
-                "the BN can be folded backward into the layer before it, but only forward "
-                "folding was requested",
-            )
+        seen = reasons[node]
+        disabled = [w for w in Direction if not asked[w] and w in seen and seen[w] is None]
+        if disabled:
+            decisions[node] = _disabled(names[node], disabled[0])
         else:
+            back, fwd = seen.get(Direction.BACKWARD), seen.get(Direction.FORWARD)
             decisions[node] = _skip(names[node], back, fwd)
-    return [decisions[n] for n in bn_nodes], folded
+    return _one_per_bn([decisions[n] for n in bn_nodes]), folded
+
+
+def _disabled(name: str, possible: Direction) -> FoldDecision:
+    """The decision for a BN that only the direction the caller turned off could fold."""
+    other = Direction.FORWARD if possible is Direction.BACKWARD else Direction.BACKWARD
+    where = "before" if possible is Direction.BACKWARD else "after"
+    return FoldDecision.skip(
+        name,
+        SkipCode.DIRECTION_DISABLED,
+        f"the BN can be folded {possible.value} into the layer {where} it, but only "
+        f"{other.value} folding was requested",
+    )
+
+
+def _one_per_bn(decisions: list[FoldDecision]) -> list[FoldDecision]:
+    """One decision per BN: a BN module called at several sites is one BN of the model.
+
+    Such a BN is never folded (its statistics are shared between the calls), so its calls'
+    decisions are all skips; the one naming a real neighbour is kept.
+    """
+    by_name: dict[str, FoldDecision] = {}
+    for d in decisions:
+        kept = by_name.get(d.bn)
+        if kept is None or (kept.code is SkipCode.NO_PARTNER and d.code is not SkipCode.NO_PARTNER):
+            by_name[d.bn] = d
+    return list(by_name.values())
 
 
 def count_batchnorms(model: Any) -> int:
