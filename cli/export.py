@@ -69,7 +69,7 @@ def export(
 
         recal_data = None
         if data is not None:
-            from bnfold.recalib.data import load_data_spec
+            from bnfold.data import load_data_spec
 
             recal_data = load_data_spec(data)
         result = run_export(

@@ -334,7 +334,8 @@ def _batches(
 
 
 def _len(data: Any, specs: list[InputSpec]) -> int | None:
-    if isinstance(data, (np.ndarray, Mapping)):
+    """Batches in ``data`` when it says so; None for arrays, mappings and paths/specs."""
+    if isinstance(data, (np.ndarray, Mapping, str, Path)):
         return None
     try:
         return len(data)
