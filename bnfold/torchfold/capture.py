@@ -41,10 +41,14 @@ Kind = Literal["module", "graph", "program"]
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps every BN, Conv and Linear module (subclasses too) as a leaf."""
+    """fx tracer that keeps every BN, Conv and Linear module (subclasses too) as a leaf.
+
+    A TorchScript submodule is a leaf too: tracing into it would only record an opaque call
+    of its compiled ``forward`` on its ``_c`` handle, hiding which module it is.
+    """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (_BatchNorm, _ConvNd, nn.Linear)):
+        if isinstance(m, (_BatchNorm, _ConvNd, nn.Linear, torch.jit.ScriptModule)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

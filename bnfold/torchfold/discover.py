@@ -159,7 +159,7 @@ def backward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) 
     if layer is None:
         return site
     facts.partner, facts.partner_op = layer.site, layer.op
-    facts.unsupported = bn.unsupported
+    facts.unsupported = bn.unsupported or layer.unsupported
     users = list(producer.users)
     facts.graph_output = any(u.op == "output" for u in users)
     facts.extra_users = [u.name for u in users if u is not bn.node and u.op != "output"]
@@ -216,6 +216,8 @@ def forward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -
                 if candidate is not None:
                     extra += [v.name for v in u.users if v is not candidate.node]
                     repeat = r
+        if candidate is not None and candidate.input is not (flat or bn.out):
+            candidate = None  # the BN output is the layer's weight or bias, not its input
         if candidate is not None and layer is None:
             layer, between = candidate, flat or bn.out
         else:
@@ -224,7 +226,7 @@ def forward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -
     if layer is None:
         return site
     facts.partner, facts.partner_op = layer.site, layer.op
-    facts.unsupported = bn.unsupported
+    facts.unsupported = bn.unsupported or layer.unsupported
     facts.graph_output = any(u.op == "output" for u in users) or (
         between is not bn.out and any(u.op == "output" for u in between.users)
     )

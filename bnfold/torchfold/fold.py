@@ -13,8 +13,9 @@ What comes back:
   with the layer parameters updated and the folded BN modules replaced by ``nn.Identity``;
 - otherwise (a functional ``F.batch_norm`` or ``F.conv2d`` fold, a GraphModule input, or a
   module that needed torch.export) the rewritten ``torch.fx.GraphModule``;
-- an ``ExportedProgram`` input comes back as a new ExportedProgram (exported from the folded
-  graph with the program's example inputs; dynamic dimensions are not carried over).
+- an ``ExportedProgram`` input comes back as a new ExportedProgram, exported from the folded
+  graph with the program's example inputs and its dynamic dimensions (each input symbol
+  becomes a ``Dim`` with the program's range), so it accepts the same input shapes.
 
 ``inplace=True`` edits the given ``nn.Module`` (when the result can be that module) or the
 given GraphModule; an ExportedProgram is never edited in place.
@@ -37,7 +38,7 @@ from bnfold.torchfold.capture import Captured, capture
 from bnfold.torchfold.discover import Site, backward_site, forward_site, usage_map
 from bnfold.torchfold.load import load_torch, require_foldable
 from bnfold.torchfold.ops import ParamRef, as_batchnorm, is_bn_module
-from bnfold.torchfold.rewrite import apply_fold, prune
+from bnfold.torchfold.rewrite import Exact, apply_fold, prune
 
 __all__ = ["fold_torch", "fold_file", "fold_graph", "count_batchnorms"]
 
@@ -82,6 +83,7 @@ def fold_graph(
     reasons: dict[fx.Node, dict[Direction, tuple[SkipCode, str] | None]] = {n: {} for n in bn_nodes}
     folded: list[Site] = []
     origin: dict[str, list[str]] = {}
+    exact: Exact = {}
     passes = [
         (Direction.BACKWARD, bn_nodes, want_back),
         (Direction.FORWARD, bn_nodes[::-1], want_fwd),
@@ -95,7 +97,7 @@ def fold_graph(
             result = _judge(site)
             reasons[node][way] = result
             if result is None and wanted:
-                decisions[node] = apply_fold(site, gm, origin)
+                decisions[node] = apply_fold(site, gm, origin, exact)
                 folded.append(site)
     asked = {Direction.BACKWARD: want_back, Direction.FORWARD: want_fwd}
     for node in bn_nodes:
@@ -108,7 +110,37 @@ def fold_graph(
         else:
             back, fwd = seen.get(Direction.BACKWARD), seen.get(Direction.FORWARD)
             decisions[node] = _skip(names[node], back, fwd)
-    return _one_per_bn([decisions[n] for n in bn_nodes]), folded
+    return _one_per_bn([decisions[n] for n in bn_nodes]) + _scripted_bns(gm), folded
+
+
+def _scripted_bns(gm: fx.GraphModule) -> list[FoldDecision]:
+    """Skip decisions for BNs inside TorchScript submodules the graph calls.
+
+    fx sees a scripted submodule as one opaque call; its compiled code cannot be rewritten,
+    so its BNs stay. They still get a decision, so the report accounts for every BN.
+    """
+    out: list[FoldDecision] = []
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or str(node.target) in seen:
+            continue
+        seen.add(str(node.target))
+        mod = gm.get_submodule(str(node.target))
+        if not isinstance(mod, torch.jit.ScriptModule):
+            continue
+        for sub_name, sub in mod.named_modules():
+            if "BatchNorm" not in str(getattr(sub, "original_name", "")):
+                continue
+            name = f"{node.target}.{sub_name}" if sub_name else str(node.target)
+            out.append(
+                FoldDecision.skip(
+                    name,
+                    SkipCode.UNSUPPORTED,
+                    f"the BN is inside TorchScript submodule {node.target}, whose compiled code "
+                    "cannot be rewritten; fold the eager module before scripting it",
+                )
+            )
+    return out
 
 
 def _disabled(name: str, possible: Direction) -> FoldDecision:
@@ -188,6 +220,10 @@ def fold_torch(
     """
     if direction not in ("backward", "forward", "both"):
         raise BadInputError(f"direction must be backward, forward or both, not {direction!r}")
+    # Read the program's dynamic dims before ``capture``: unlifting with ``program.module()``
+    # leaves the placeholders' symbolic sizes as expressions no longer keyed by their symbol.
+    program = model if isinstance(model, torch.export.ExportedProgram) else None
+    dynamic = _dynamic_shapes(program) if program is not None else None
     cap = capture(model, example_inputs, inplace=inplace)
     decisions, folded = fold_graph(cap.gm, direction)
     name = type(model).__name__
@@ -204,8 +240,60 @@ def fold_torch(
     prune(cap.gm)
     if cap.from_program:
         assert cap.example is not None
-        return torch.export.export(cap.gm, cap.example), report
+        return torch.export.export(cap.gm, cap.example, dynamic_shapes=dynamic), report
     return cap.gm, report
+
+
+def _dynamic_shapes(program: torch.export.ExportedProgram) -> tuple[Any, ...] | None:
+    """``dynamic_shapes`` that re-create ``program``'s dynamic input dimensions.
+
+    Folding changes parameters, never shapes, so the folded program is exported again with
+    the same symbolic dimensions: one ``Dim`` per input symbol, bounded by the program's
+    ``range_constraints``; a dimension given by an expression of symbols is left to export
+    (``Dim.AUTO``), which derives it again from the graph.
+
+    Returns:
+        one spec per user input (None for a fully static one), or None when all are static.
+    """
+    user_inputs = list(program.graph_signature.user_inputs)
+    by_name = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    ranges = program.range_constraints
+    dims: dict[str, Any] = {}
+    specs: list[dict[int, Any] | None] = []
+    dynamic = False
+    for name in user_inputs:
+        val = by_name[name].meta.get("val") if name in by_name else None
+        if not isinstance(val, torch.Tensor):
+            specs.append(None)
+            continue
+        spec: dict[int, Any] = {}
+        for axis, size in enumerate(val.shape):
+            if not isinstance(size, torch.SymInt):
+                continue
+            dynamic = True
+            expr = size.node.expr
+            if not expr.is_symbol:
+                spec[axis] = torch.export.Dim.AUTO
+                continue
+            key = str(expr)
+            if key not in dims:
+                bounds = ranges.get(expr)
+                low = _finite(bounds.lower) if bounds is not None else None
+                high = _finite(bounds.upper) if bounds is not None else None
+                dims[key] = torch.export.Dim(f"dim_{key}", min=low or 0, max=high)
+            spec[axis] = dims[key]
+        specs.append(spec or None)
+    return tuple(specs) if dynamic else None
+
+
+def _finite(bound: Any) -> int | None:
+    """A range bound as an int, or None for an infinite one."""
+    if bound is None or not bool(getattr(bound, "is_finite", True)):
+        return None
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
 
 
 def fold_file(

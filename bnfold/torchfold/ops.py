@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
 
 __all__ = [
     "ParamRef",
@@ -30,6 +31,7 @@ __all__ = [
     "flatten_repeat",
     "shape_of",
     "is_bn_module",
+    "parametrized",
 ]
 
 aten = torch.ops.aten
@@ -164,6 +166,9 @@ class Layer:
         groups: convolution groups.
         zero_padding: the zero padding amounts, or None when none is added.
         padding_mode: ``zeros``, ``reflect``, ``replicate`` or ``circular``.
+        input: the node the layer reads as its activation input.
+        bias_index: the bias's position in the node's arguments (0 for ``aten.addmm``).
+        unsupported: why no BN can be folded into this layer, or None.
     """
 
     node: fx.Node
@@ -177,6 +182,9 @@ class Layer:
     groups: int = 1
     zero_padding: tuple[int, ...] | None = None
     padding_mode: str = "zeros"
+    input: Any = None
+    bias_index: int = 2
+    unsupported: str | None = None
 
     @property
     def site(self) -> str:
@@ -281,15 +289,95 @@ def _padding(
     return _as_tuple(padding, spatial)
 
 
+def parametrized(module: nn.Module) -> str | None:
+    """A sentence when ``module`` computes parameters with ``torch.nn.utils.parametrize``.
+
+    Such a weight (weight norm, spectral norm, orthogonal, ...) is *derived* on every access
+    from the stored originals, so a folded value cannot be written to it; writing to the
+    originals would not scale the derived weight linearly. The layer is left as it is.
+    """
+    if not parametrize.is_parametrized(module):
+        return None
+    names = ", ".join(sorted(module.parametrizations.keys()))  # type: ignore[union-attr]
+    return (
+        f"{type(module).__name__}'s {names} is computed by a parametrization (e.g. weight "
+        "norm), so a folded value cannot be stored; remove the parametrization "
+        "(torch.nn.utils.parametrize.remove_parametrizations) before folding"
+    )
+
+
+def _through_transpose(node: Any) -> Any:
+    """The weight behind ``aten.t`` / ``aten.permute(w, [1, 0])`` (``F.linear`` decomposed)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target in (aten.t.default, aten.numpy_T.default):
+        return node.args[0]
+    if node.target is aten.permute.default and list(node.args[1]) == [1, 0]:
+        return node.args[0]
+    if node.target is aten.transpose.int and sorted(int(a) % 2 for a in node.args[1:3]) == [0, 1]:
+        return node.args[0]
+    return None
+
+
+def _as_matmul_linear(node: fx.Node, root: nn.Module) -> Layer | None:
+    """``aten.addmm(b, x, t(W))`` or ``aten.mm(x, t(W))`` (a decomposed Linear) as a Linear.
+
+    Only the exact decomposition is accepted: a transposed stored 2-D weight as the second
+    matrix and, for ``addmm``, ``beta == alpha == 1`` and a 1-D stored bias.
+    """
+    if node.target is aten.mm.default:
+        x, mat2 = node.args[0], node.args[1]
+        bias_node, index = None, 0
+    else:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        bias_node, x, mat2 = node.args[0], node.args[1], node.args[2]
+        index = 0
+    weight_node = _through_transpose(mat2)
+    if weight_node is None or not isinstance(weight_node, fx.Node):
+        return None
+    if weight_node.op != "get_attr" or len(mat2.users) != 1:  # type: ignore[union-attr]
+        return None
+    non_constant: list[str] = []
+    bias = _tensor_arg(bias_node, "bias", non_constant)
+    stored = bias.get(root) if bias is not None else None
+    if stored is not None and stored.dim() != 1:  # a broadcast 2-D addend is not a bias
+        return None
+    op = f"{node.name} ({getattr(node.target, '__name__', str(node.target))})"
+    return Layer(
+        node,
+        "linear",
+        op,
+        None,
+        ParamRef.from_target(str(weight_node.target)),
+        bias,
+        non_constant,
+        input=x,
+        bias_index=index,
+    )
+
+
 def as_layer(node: fx.Node, root: nn.Module) -> Layer | None:
     """``node`` as a foldable layer, or None when it is anything else."""
+    if node.op == "call_function" and node.target in (aten.addmm.default, aten.mm.default):
+        return _as_matmul_linear(node, root)
     if node.op == "call_module":
         mod = root.get_submodule(str(node.target))
         path = str(node.target)
         op = f"{path} ({type(mod).__name__})"
+        x = node.args[0] if node.args else None
         if isinstance(mod, nn.Linear) and _own_forward(mod, nn.Linear):
             fc_bias = ParamRef(path, "bias") if mod.bias is not None else None
-            return Layer(node, "linear", op, path, ParamRef(path, "weight"), fc_bias)
+            return Layer(
+                node,
+                "linear",
+                op,
+                path,
+                ParamRef(path, "weight"),
+                fc_bias,
+                input=x,
+                unsupported=parametrized(mod),
+            )
         if isinstance(mod, _ConvNd) and _own_forward(mod, _ConvNd):
             spatial = len(mod.kernel_size)
             kind = "conv_transpose" if mod.transposed else "conv"
@@ -306,6 +394,8 @@ def as_layer(node: fx.Node, root: nn.Module) -> Layer | None:
                 groups=int(mod.groups),
                 zero_padding=pad if any(pad) and mod.padding_mode == "zeros" else None,
                 padding_mode=mod.padding_mode,
+                input=x,
+                unsupported=parametrized(mod),
             )
         return None
     if node.op != "call_function" or node.target not in _LAYER_FUNCTIONS:
@@ -322,7 +412,7 @@ def as_layer(node: fx.Node, root: nn.Module) -> Layer | None:
     name = getattr(node.target, "__name__", str(node.target))
     op = f"{node.name} ({name})"
     if kind == "linear":
-        return Layer(node, "linear", op, None, weight, bias, non_constant)
+        return Layer(node, "linear", op, None, weight, bias, non_constant, input=args["input"])
     pad = _padding(args["padding"], w, args["dilation"], spatial)
     return Layer(
         node,
@@ -335,6 +425,7 @@ def as_layer(node: fx.Node, root: nn.Module) -> Layer | None:
         spatial=spatial,
         groups=int(args["groups"]),
         zero_padding=pad if any(pad) else None,
+        input=args["input"],
     )
 
 
@@ -346,7 +437,7 @@ def as_batchnorm(node: fx.Node, root: nn.Module) -> BatchNorm | None:
             return None
         path = str(node.target)
         stats = mod.running_mean is not None and mod.running_var is not None
-        unsupported = None
+        unsupported = parametrized(mod)
         if not _own_forward(mod, _BatchNorm):
             unsupported = (
                 f"{type(mod).__name__} overrides forward, so its output is not known to be "

@@ -82,15 +82,37 @@ def _bias_ref(layer: Layer, gm: fx.GraphModule) -> ParamRef:
     with gm.graph.inserting_before(layer.node):
         getter = gm.graph.get_attr(ref.name)
     node = layer.node
-    index = 2  # bias is the third argument of every conv/linear signature handled
-    if len(node.args) > index:
-        node.update_arg(index, getter)
+    if node.target is torch.ops.aten.mm.default:  # mm(x, t(W)) becomes addmm(b, x, t(W))
+        node.target = torch.ops.aten.addmm.default
+        node.args = (getter, *node.args)
+    elif len(node.args) > layer.bias_index:
+        node.update_arg(layer.bias_index, getter)
     else:
         node.update_kwarg("bias", getter)
     return ref
 
 
-def apply_fold(site: Site, gm: fx.GraphModule, origin: dict[str, list[str]]) -> FoldDecision:
+Exact = dict[str, tuple[int, np.ndarray]]
+
+
+def _exact(ref: ParamRef | None, gm: fx.GraphModule, exact: Exact) -> np.ndarray | None:
+    """A parameter in float64: the unrounded result of an earlier fold when it wrote the
+    tensor stored now, else the stored tensor itself."""
+    value = _tensor(ref, gm)
+    if value is None or ref is None:
+        return None
+    kept = exact.get(ref.name)
+    if kept is not None and kept[0] == id(value):
+        return kept[1]
+    return _f64(value)
+
+
+def apply_fold(
+    site: Site,
+    gm: fx.GraphModule,
+    origin: dict[str, list[str]],
+    exact: Exact | None = None,
+) -> FoldDecision:
     """Fold ``site`` (already judged exact) into ``gm`` and return its decision.
 
     Args:
@@ -98,7 +120,11 @@ def apply_fold(site: Site, gm: fx.GraphModule, origin: dict[str, list[str]]) -> 
         gm: the graph module to edit.
         origin: parameter name -> original parameter names it was computed from; updated
             here so a second fold into the same layer reports every BN it absorbed.
+        exact: parameter name -> (id of the stored tensor, its float64 value before
+            rounding); updated here so a second fold into the same layer (Conv -> BN -> BN)
+            starts from the float64 result and the stored value is still rounded only once.
     """
+    exact = {} if exact is None else exact
     bn, layer = site.bn, site.layer
     assert layer is not None and layer.weight is not None
     affine = foldmath.bn_affine(
@@ -110,12 +136,14 @@ def apply_fold(site: Site, gm: fx.GraphModule, origin: dict[str, list[str]]) -> 
     )
     weight = _required(layer.weight, gm)
     bias = _tensor(layer.bias, gm)
-    w_f64 = weight.detach().to("cpu", torch.float64).numpy()
+    w_f64 = _exact(layer.weight, gm, exact)
+    b_f64 = _exact(layer.bias, gm, exact)
+    assert w_f64 is not None
     layout = _layout(layer)
     if site.direction is Direction.BACKWARD:
-        w64, b64 = foldmath.fold_backward(w_f64, _f64(bias), affine, layout)
+        w64, b64 = foldmath.fold_backward(w_f64, b_f64, affine, layout)
     else:
-        w64, b64 = foldmath.fold_forward(w_f64, _f64(bias), affine, layout, site.repeat)
+        w64, b64 = foldmath.fold_forward(w_f64, b_f64, affine, layout, site.repeat)
     scale_names = [r.name for r in (bn.gamma, bn.var) if r is not None]
     bn_names = [r.name for r in (bn.gamma, bn.beta, bn.mean, bn.var) if r is not None]
     w_name = layer.weight.name
@@ -126,6 +154,8 @@ def apply_fold(site: Site, gm: fx.GraphModule, origin: dict[str, list[str]]) -> 
     layer.weight.set(gm, to_torch(w64, weight), parameter=is_param)
     bias_like = bias if bias is not None else weight
     bias_ref.set(gm, to_torch(b64, bias_like), parameter=isinstance(bias_like, nn.Parameter))
+    for ref, value in ((layer.weight, w64), (bias_ref, b64)):
+        exact[ref.name] = (id(ref.get(gm)), value)
     # W' = W * s needs only gamma and var; b' needs the whole BN (and, forward, W as well).
     w_sources = w_origin + scale_names
     if site.direction is Direction.BACKWARD:
