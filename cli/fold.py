@@ -27,6 +27,14 @@ def fold(
         str,
         typer.Option("--direction", help="backward, forward or both (backward first)."),
     ] = "both",
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Accept a pickled whole-module PyTorch file (torch.save(model)). Unpickling "
+            "runs arbitrary code from the file: use only for files you trust.",
+        ),
+    ] = False,
 ) -> None:
     """Fold every exactly foldable BatchNorm and print one decision per BN.
 
@@ -51,7 +59,7 @@ def fold(
         else:
             from bnfold.torchfold import fold_file as fold_torch_file
 
-            report = fold_torch_file(input, output, direction=direction)
+            report = fold_torch_file(input, output, direction=direction, allow_pickle=allow_pickle)
         render_fold_report(report)
         console.print(f"wrote {output}")
         if json is not None:
