@@ -100,6 +100,21 @@ def _program_example(program: Any) -> tuple[Any, ...] | None:
     return tuple(torch.zeros(tuple(int(d) for d in v.shape), dtype=v.dtype) for v in vals)
 
 
+def _require_initialised(model: nn.Module) -> None:
+    """Refuse a model with lazy modules that have not run yet (their weights have no shape).
+
+    Initialising them would mean running the user's model, which changes it; the user does
+    that once, on purpose, before folding.
+    """
+    lazy = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if isinstance(t, lazy):
+            raise BadInputError(
+                f"{name} is an uninitialised lazy parameter; run the model once on an example "
+                "input (model(x)) to initialise it, then fold"
+            )
+
+
 def _propagate(gm: fx.GraphModule, example: tuple[Any, ...]) -> None:
     try:
         with torch.no_grad():
@@ -140,6 +155,7 @@ def capture(model: Any, example_inputs: Any = None, *, inplace: bool = False) ->
             "torch.export.save and fold the .pt2"
         )
     if isinstance(model, fx.GraphModule):
+        _require_initialised(model)
         gm = model if inplace else copy.deepcopy(model)
         if example is not None:
             _propagate(gm, example)
@@ -149,6 +165,7 @@ def capture(model: Any, example_inputs: Any = None, *, inplace: bool = False) ->
             f"cannot fold a {type(model).__name__}; give an nn.Module, a torch.fx.GraphModule, "
             "a torch.export.ExportedProgram or an ONNX model"
         )
+    _require_initialised(model)
     root = copy.deepcopy(model)
     try:
         graph = _Tracer().trace(root)

@@ -289,6 +289,11 @@ def _padding(
     return _as_tuple(padding, spatial)
 
 
+def _module_input(node: fx.Node) -> Any:
+    """The activation a ``call_module`` node passes, positionally or as ``input=``."""
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
 def parametrized(module: nn.Module) -> str | None:
     """A sentence when ``module`` computes parameters with ``torch.nn.utils.parametrize``.
 
@@ -365,7 +370,7 @@ def as_layer(node: fx.Node, root: nn.Module) -> Layer | None:
         mod = root.get_submodule(str(node.target))
         path = str(node.target)
         op = f"{path} ({type(mod).__name__})"
-        x = node.args[0] if node.args else None
+        x = _module_input(node)
         if isinstance(mod, nn.Linear) and _own_forward(mod, nn.Linear):
             fc_bias = ParamRef(path, "bias") if mod.bias is not None else None
             return Layer(
@@ -448,7 +453,7 @@ def as_batchnorm(node: fx.Node, root: nn.Module) -> BatchNorm | None:
             out=node,
             name=path,
             module=path,
-            input=node.args[0],  # type: ignore[arg-type]
+            input=_module_input(node),
             training=bool(mod.training),
             running_stats=stats,
             mean=ParamRef(path, "running_mean") if stats else None,

@@ -326,3 +326,42 @@ def test_exported_program_keeps_dynamic_dims() -> None:
     )
     with pytest.raises(Exception):  # noqa: B017 - the program's own guard
         folded.module()(torch.randn(65, 3, 8, 8))
+
+
+# call conventions and lazy modules -----------------------------------------------------------
+
+
+class KeywordCalls(nn.Module):
+    """Modules called with ``input=`` rather than positionally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.bn2, self.out = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding_mode="reflect")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(input=self.conv(input=x))
+        return self.out(input=self.bn2(input=torch.relu(y)))
+
+
+@pytest.mark.parametrize("direction", ["backward", "forward", "both"])
+def test_modules_called_with_keyword_input(direction: str) -> None:
+    _folded, report = _exact(randomise(KeywordCalls()), torch.randn(X4), direction=direction)
+    folded = {d.bn: d.direction.value for d in report.decisions if d.folded}
+    assert (
+        folded
+        == {
+            "backward": {"bn": "backward"},
+            "forward": {"bn2": "forward"},
+            "both": {"bn": "backward", "bn2": "forward"},
+        }[direction]
+    )
+
+
+def test_uninitialised_lazy_module_is_bad_input() -> None:
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d()).eval()
+    with pytest.raises(bnfold.BadInputError, match="run the model once"):
+        bnfold.fold(model, torch.randn(X4))
+    model(torch.randn(X4))  # initialised by the user: folds
+    _folded, report = _exact(randomise(model), torch.randn(X4))
+    assert report.decisions[0].folded
