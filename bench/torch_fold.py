@@ -8,7 +8,12 @@ then how many BNs bnfold, ``torch.fx.experimental.optimization.fuse`` and
 each against the original. A second table runs the peers on the cases where they are known
 to be wrong.
 
-Run: ``python bench/torch_fold.py [--repeats 30] [--models resnet-mini,mlp] [--json out.json]``
+A third table folds the randomised test networks (``tests/torchfold/randnet.py``: groups,
+padding modes, transposed convs, functional layers, shared and tied modules, train-mode BNs)
+with each tool and counts changed outputs, exceptions and BNs left.
+
+Run: ``python bench/torch_fold.py [--repeats 30] [--models resnet-mini,mlp] [--random 200]
+[--json out.json]``
 """
 
 from __future__ import annotations
@@ -198,11 +203,70 @@ def case_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def _bn_total(model: nn.Module) -> int:
+    """BN applications (modules called, functional BNs) in a fresh symbolic trace of model."""
+    from bnfold.torchfold.ops import as_batchnorm
+
+    gm = torch.fx.symbolic_trace(model)
+    return sum(1 for n in gm.graph.nodes if as_batchnorm(n, gm) is not None)
+
+
+def random_rows(seeds: int) -> list[dict[str, Any]]:
+    """bnfold and the peers on the randomised test networks (``tests/torchfold/randnet.py``).
+
+    Counts, over ``seeds`` networks: outputs that changed (max relative error above 1e-4
+    against the unfused network), fusers that raised, and the BNs left of those present.
+    """
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "torchfold"))
+    from randnet import build_random
+
+    def bnfold_fuse(model: nn.Module, x: torch.Tensor) -> nn.Module:
+        return fold_torch(model, x)[0]
+
+    tools: dict[str, Callable[[nn.Module, torch.Tensor], nn.Module]] = {
+        "bnfold": bnfold_fuse,
+        "fx fuse": lambda m, _x: fx_fuse(copy.deepcopy(m)),
+        "fuse_fx": lambda m, _x: ao_fuse_fx(copy.deepcopy(m)),
+    }
+    stats = {k: {"wrong": 0, "raised": 0, "left": 0, "worst": 0.0} for k in tools}
+    total = 0
+    for seed in range(seeds):
+        model, x = build_random(seed)
+        with torch.no_grad():
+            ref = model(x.clone())
+        n_bn = _bn_total(model)
+        total += n_bn
+        for name, tool in tools.items():
+            st = stats[name]
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fused = tool(model, x)
+                    with torch.no_grad():
+                        out = fused(x.clone())
+            except Exception:
+                st["raised"] += 1
+                st["left"] += n_bn
+                continue
+            err = max(rel_err(r, o) for r, o in zip(ref, out, strict=True))
+            st["wrong"] += err > 1e-4
+            if err <= 1e-4:
+                st["worst"] = max(st["worst"], err)
+            st["left"] += _bn_total(fused)
+    return [
+        {"tool": k, "networks": seeds, "bn": total, **v}  # type: ignore[dict-item]
+        for k, v in stats.items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--models", default=",".join(names()))
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--random", type=int, default=200, help="random networks to fold")
     args = parser.parse_args()
     rows = zoo_rows([m for m in args.models.split(",") if m], args.repeats)
     print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} interleaved runs\n")
@@ -222,9 +286,21 @@ def main() -> None:
     print("|---|---|---|---|")
     for c in cases:
         print(f"| {c['case']} | {c['bnfold']} | {c['fuse']} | {c['fuse_fx']} |")
+    randoms = random_rows(args.random)
+    print(
+        f"\n{args.random} random networks ({randoms[0]['bn']} BNs; tests/torchfold/randnet.py)"
+        "\n\n| tool | outputs changed (rel err > 1e-4) | raised | BN left | "
+        "worst rel err of unchanged |"
+    )
+    print("|---|---|---|---|---|")
+    for r in randoms:
+        print(
+            f"| {r['tool']} | {r['wrong']} | {r['raised']} | {r['left']} / {r['bn']} | "
+            f"{r['worst']:.1e} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"zoo": rows, "cases": cases}, f, indent=2)
+            json.dump({"zoo": rows, "cases": cases, "random": randoms}, f, indent=2)
 
 
 if __name__ == "__main__":
