@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.atomic import atomic_path, check_writable
-from bnfold.errors import BadInputError
+from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.guards import check
 from bnfold.report import FoldReport
 from bnfold.sites import Direction, FoldDecision, SkipCode
@@ -240,7 +240,14 @@ def fold_torch(
     prune(cap.gm)
     if cap.from_program:
         assert cap.example is not None
-        return torch.export.export(cap.gm, cap.example, dynamic_shapes=dynamic), report
+        try:
+            return torch.export.export(cap.gm, cap.example, dynamic_shapes=dynamic), report
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"the folded graph cannot be exported again ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); fold the nn.Module the program "
+                "was exported from, then export the result"
+            ) from e
     return cap.gm, report
 
 

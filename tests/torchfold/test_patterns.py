@@ -365,3 +365,15 @@ def test_uninitialised_lazy_module_is_bad_input() -> None:
     model(torch.randn(X4))  # initialised by the user: folds
     _folded, report = _exact(randomise(model), torch.randn(X4))
     assert report.decisions[0].folded
+
+
+def test_program_that_cannot_be_exported_again_is_reported(monkeypatch) -> None:
+    model = randomise(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    program = torch.export.export(model, (torch.randn(2, 3, 8, 8),))
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("export refused\nsecond line")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    with pytest.raises(bnfold.UnsupportedModelError, match=r"export refused\); fold the nn.Module"):
+        bnfold.fold(program)
