@@ -303,7 +303,7 @@ def parametrized(module: nn.Module) -> str | None:
     """
     if not parametrize.is_parametrized(module):
         return None
-    names = ", ".join(sorted(module.parametrizations.keys()))  # type: ignore[union-attr]
+    names = ", ".join(sorted(str(k) for k in getattr(module, "parametrizations", {})))
     return (
         f"{type(module).__name__}'s {names} is computed by a parametrization (e.g. weight "
         "norm), so a folded value cannot be stored; remove the parametrization "
@@ -317,10 +317,11 @@ def _through_transpose(node: Any) -> Any:
         return None
     if node.target in (aten.t.default, aten.numpy_T.default):
         return node.args[0]
-    if node.target is aten.permute.default and list(node.args[1]) == [1, 0]:
-        return node.args[0]
-    if node.target is aten.transpose.int and sorted(int(a) % 2 for a in node.args[1:3]) == [0, 1]:
-        return node.args[0]
+    args: Any = node.args
+    if node.target is aten.permute.default and list(args[1]) == [1, 0]:
+        return args[0]
+    if node.target is aten.transpose.int and sorted(int(a) % 2 for a in args[1:3]) == [0, 1]:
+        return args[0]
     return None
 
 

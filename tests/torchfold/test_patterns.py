@@ -377,3 +377,27 @@ def test_program_that_cannot_be_exported_again_is_reported(monkeypatch) -> None:
     monkeypatch.setattr(torch.export, "export", refuse)
     with pytest.raises(bnfold.UnsupportedModelError, match=r"export refused\); fold the nn.Module"):
         bnfold.fold(program)
+
+
+class HandWrittenAddmm(nn.Module):
+    """``torch.addmm(b, x, w.t())`` / ``x.mm(w.transpose(0, 1))`` written by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(8))
+        self.w2 = nn.Parameter(torch.randn(3, 8))
+        self.bn1, self.bn2 = nn.BatchNorm1d(8), nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(torch.relu(self.bn1(torch.addmm(self.b1, x, self.w1.t()))))
+        return y.mm(self.w2.transpose(0, 1))
+
+
+@pytest.mark.parametrize("decompose", [False, True])
+def test_hand_written_addmm_and_mm_fold_in_programs(decompose: bool) -> None:
+    x = torch.randn(5, 6)
+    program = torch.export.export(randomise(HandWrittenAddmm()), (x,))
+    program = program.run_decompositions() if decompose else program
+    folded, report = _fold_program(program, x, "both")
+    assert [d.direction.value for d in report.decisions] == ["backward", "forward"]
+    assert count_batchnorms(folded) == 0
