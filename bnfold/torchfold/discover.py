@@ -24,7 +24,7 @@ from bnfold.guards import SiteFacts
 from bnfold.sites import Direction
 from bnfold.torchfold.ops import BatchNorm, Layer, ParamRef, as_layer, flatten_repeat, shape_of
 
-__all__ = ["Site", "usage_map", "backward_site", "forward_site"]
+__all__ = ["Site", "usage_map", "backward_site", "forward_site", "reads_values"]
 
 _FLATTENS = ("flatten",)
 
@@ -150,6 +150,31 @@ def _dtype_problem(layer: Layer, gm: fx.GraphModule) -> str | None:
     return None
 
 
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device"})
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout"})
+_METADATA_OPS = (
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_numel.default,
+    torch.ops.aten.sym_size.default,
+)
+
+
+def reads_values(node: fx.Node) -> bool:
+    """False for a node that reads only a tensor's metadata (``x.size(0)``, ``x.shape``).
+
+    A fold keeps every shape, dtype and device, so such a reader sees the same thing whether
+    it reads the layer's output, the BN's output, or the input the BN is rewired to; it
+    must not block a fold the way a reader of the values does.
+    """
+    if node.op == "call_method":
+        return str(node.target) not in _METADATA_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return str(node.args[1]) not in _METADATA_ATTRS
+        return node.target not in _METADATA_OPS
+    return True
+
+
 def backward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -> Site:
     """The site folding ``bn`` into the layer that computes its input."""
     facts = _base_facts(bn, Direction.BACKWARD)
@@ -162,7 +187,9 @@ def backward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) 
     facts.unsupported = bn.unsupported or layer.unsupported
     users = list(producer.users)
     facts.graph_output = any(u.op == "output" for u in users)
-    facts.extra_users = [u.name for u in users if u is not bn.node and u.op != "output"]
+    facts.extra_users = [
+        u.name for u in users if u is not bn.node and u.op != "output" and reads_values(u)
+    ]
     facts.non_constant = layer.non_constant + bn.non_constant
     facts.shared = _shared([layer.weight, layer.bias, bn.mean, bn.var, bn.gamma, bn.beta], gm, uses)
     shape = shape_of(producer)
@@ -196,7 +223,7 @@ def forward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -
     """The site folding ``bn`` into the layer that reads its output (maybe through a Flatten)."""
     facts = _base_facts(bn, Direction.FORWARD)
     users = list(bn.out.users)
-    readers = [u for u in users if u.op != "output"]
+    readers = [u for u in users if u.op != "output" and reads_values(u)]
     shape = shape_of(bn.out)
     repeat: int | None = 1
     between = bn.out

@@ -401,3 +401,33 @@ def test_hand_written_addmm_and_mm_fold_in_programs(decompose: bool) -> None:
     folded, report = _fold_program(program, x, "both")
     assert [d.direction.value for d in report.decisions] == ["backward", "forward"]
     assert count_batchnorms(folded) == 0
+
+
+class ShapeReaders(nn.Module):
+    """Real code reads sizes between layers (``out.size(0)``, ``out.shape``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6)
+        self.bn2, self.fc = nn.BatchNorm1d(6 * 36), nn.Linear(6 * 36, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv(x)
+        n, ch, h, w = c.shape
+        y = torch.relu(self.bn(c)).reshape(n, ch * h * w)
+        z = self.bn2(y)
+        return self.fc(z)[:, : z.size(1)] * z.dim()
+
+
+@pytest.mark.parametrize("direction", ["backward", "forward", "both"])
+def test_shape_reads_do_not_block_folds(direction: str) -> None:
+    _folded, report = _exact(randomise(ShapeReaders()), torch.randn(X4), direction=direction)
+    expected = {"backward": {"bn"}, "forward": {"bn2"}, "both": {"bn", "bn2"}}[direction]
+    assert {d.bn for d in report.decisions if d.folded} == expected
+
+
+def test_shape_reads_do_not_block_folds_in_programs() -> None:
+    x = torch.randn(X4)
+    program = torch.export.export(randomise(ShapeReaders()), (x,))
+    _folded, report = _fold_program(program, x, "both")
+    assert all(d.folded for d in report.decisions)
