@@ -14,13 +14,14 @@ BN and are ignored too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from bnfold.guards import SiteFacts
-from bnfold.onnxfold.graph import GraphIndex, attr
+from bnfold.onnxfold.graph import GraphIndex, attr_int, attr_ints, attr_str, static_dims
 from bnfold.sites import Direction
 
 __all__ = ["Site", "backward_site", "forward_site", "bn_training", "FLOAT_TYPES"]
@@ -69,9 +70,9 @@ def bn_training(g: GraphIndex, bn: onnx.NodeProto) -> bool:
     with any of them named is in training mode even when nothing reads them. Opset 6 and
     older: ``is_test=0``.
     """
-    if int(attr(bn, "training_mode", 0)):
+    if attr_int(bn, "training_mode", 0):
         return True
-    if g.opset < 7 and not int(attr(bn, "is_test", 0)):
+    if g.opset < 7 and not attr_int(bn, "is_test", 0):
         return True
     if g.opset < 14 and any(o for o in bn.output[1:]):
         return True
@@ -134,7 +135,7 @@ def _dtype_problem(g: GraphIndex, partner: onnx.NodeProto, params: list[str]) ->
 
 def _bn_facts(g: GraphIndex, bn: onnx.NodeProto, name: str, direction: Direction) -> SiteFacts:
     facts = SiteFacts(bn=name, direction=direction, training=bn_training(g, bn))
-    if g.opset < 9 and not int(attr(bn, "spatial", 1)):
+    if g.opset < 9 and not attr_int(bn, "spatial", 1):
         # spatial=0 keeps statistics per element (C x D1 x ... x Dn), which equal per-channel
         # ones only when every spatial extent is 1.
         shape = g.shape(bn.input[0])
@@ -231,17 +232,18 @@ def _channel_problem(
 ) -> str | None:
     """A sentence when the BN's channel count differs from the partner's output channels."""
     mean = g.constant(bn.input[3])
-    weight = g.shape(params[0]) if params else None
-    if mean is None or weight is None or None in weight:
+    shape = g.shape(params[0]) if params else None
+    weight = None if shape is None else static_dims(shape)
+    if mean is None or weight is None:
         return None
     c = int(np.asarray(mean).size)
     op = partner.op_type
     if op == "Conv":
         n = weight[0]
     elif op == "ConvTranspose":
-        n = weight[1] * int(attr(partner, "group", 1))  # type: ignore[operator]
+        n = weight[1] * attr_int(partner, "group", 1)
     elif op == "Gemm":
-        n = weight[0] if int(attr(partner, "transB", 0)) else weight[-1]
+        n = weight[0] if attr_int(partner, "transB", 0) else weight[-1]
     else:
         n = weight[-1]
     if n != c:
@@ -282,9 +284,9 @@ def forward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
             return site
         flatten = first
         readers = g.users(first.output[0])
-        consumer = readers[0] if readers else None
-        if consumer is None or consumer.op_type not in ("Gemm", "MatMul"):
+        if not readers or readers[0].op_type not in ("Gemm", "MatMul"):
             return site
+        consumer = readers[0]
     site.partner, site.flatten = consumer, flatten
     facts.partner, facts.partner_op = _name(consumer), consumer.op_type
     facts.graph_output = y in g.graph_outputs
@@ -311,8 +313,8 @@ def forward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
     rank = None if x_info is None else x_info.rank
     facts.bn_axis = 1
     if flatten is not None:
-        dims = None if x_info is None or x_info.shape is None else x_info.shape[1:]
-        if dims is None or None in dims:
+        dims = None if x_info is None or x_info.shape is None else static_dims(x_info.shape[1:])
+        if dims is None:
             facts.partner_axis = None
         elif problem := _flatten_problem(g, flatten, len(dims) + 1, int(np.prod(dims))):
             facts.unsupported = problem
@@ -323,7 +325,7 @@ def forward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
     elif consumer.op_type == "Conv":
         facts.partner_axis = 1
         facts.padding = _padding_problem(g, consumer)
-    elif consumer.op_type == "Gemm" and int(attr(consumer, "transA", 0)):
+    elif consumer.op_type == "Gemm" and attr_int(consumer, "transA", 0):
         facts.partner_axis = 0
     else:
         facts.partner_axis = None if rank is None else rank - 1
@@ -336,7 +338,7 @@ def forward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
 def _flatten_problem(g: GraphIndex, node: onnx.NodeProto, rank: int, features: int) -> str | None:
     """A sentence unless ``node`` turns ``(N, C, d...)`` into ``(N, C * prod(d))``."""
     if node.op_type == "Flatten":
-        axis = int(attr(node, "axis", 1))
+        axis = attr_int(node, "axis", 1)
         if (axis + rank if axis < 0 else axis) != 1:
             return f"{_name(node)} does not flatten from axis 1, so channels mix with the batch"
         return None
@@ -348,13 +350,12 @@ def _flatten_problem(g: GraphIndex, node: onnx.NodeProto, rank: int, features: i
 
 def _padding_problem(g: GraphIndex, conv: onnx.NodeProto) -> str | None:
     """A sentence when ``conv`` zero-pads its input (the border would see the BN shift)."""
-    auto_pad = attr(conv, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    pads = attr(conv, "pads", None)
+    auto_pad = attr_str(conv, "auto_pad", "NOTSET")
+    pads = attr_ints(conv, "pads")
     if auto_pad == "VALID":
         return None
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        kernel = attr(conv, "kernel_shape", None)
+        kernel: Sequence[int | None] | None = attr_ints(conv, "kernel_shape")
         if kernel is None:
             w = g.value_info(conv.input[1])
             kernel = None if w is None or w.shape is None else list(w.shape[2:])
@@ -377,16 +378,17 @@ def _forward_channel_problem(
 ) -> str | None:
     """A sentence when the consumer's input features do not match the BN's channels."""
     mean = g.constant(bn.input[3])
-    weight = g.shape(consumer.input[1])
-    if mean is None or weight is None or None in weight:
+    shape = g.shape(consumer.input[1])
+    weight = None if shape is None else static_dims(shape)
+    if mean is None or weight is None:
         return None
     c = int(np.asarray(mean).size) * site.repeat
     if consumer.op_type == "Conv":
-        n = weight[1] * int(attr(consumer, "group", 1))  # type: ignore[operator]
+        n = weight[1] * attr_int(consumer, "group", 1)
     elif consumer.op_type == "Gemm":
-        n = weight[1] if int(attr(consumer, "transB", 0)) else weight[0]
+        n = weight[1] if attr_int(consumer, "transB", 0) else weight[0]
     else:
         n = weight[0]
     if n != c:
         return f"BN gives {c} input features but {_name(consumer)} reads {n}"
-    return _bias_problem(g, consumer, [consumer.input[1], *consumer.input[2:3]], int(weight[0]))  # type: ignore[arg-type]
+    return _bias_problem(g, consumer, [consumer.input[1], *consumer.input[2:3]], weight[0])

@@ -22,12 +22,23 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["GraphIndex", "ValueInfo", "attr", "subgraph_names"]
+__all__ = [
+    "GraphIndex",
+    "ValueInfo",
+    "attr",
+    "attr_float",
+    "attr_int",
+    "attr_ints",
+    "attr_str",
+    "static_dims",
+    "subgraph_names",
+]
 
 #: Initializers up to this many elements stay in the skeleton used for shape inference
 #: (Reshape targets and the like, whose values inference reads).
@@ -59,12 +70,53 @@ class ValueInfo:
         return helper.tensor_dtype_to_np_dtype(self.elem_type)
 
 
-def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    """The value of attribute ``name`` of ``node``, or ``default`` when absent."""
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of attribute ``name`` of ``node``, or ``default`` when absent.
+
+    The result is ``Any`` because an attribute's Python type depends on its ``type`` field,
+    which only the model knows: an int, float, bytes, tensor, graph or a list of those. Code
+    that needs one kind reads it through :func:`attr_int`, :func:`attr_float`,
+    :func:`attr_str` or :func:`attr_ints`, which convert it.
+    """
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
+
+
+def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+    """Attribute ``name`` of ``node`` as an int (flags, ``group``, axes), else ``default``."""
+    return int(attr(node, name, default))
+
+
+def attr_float(node: onnx.NodeProto, name: str, default: float) -> float:
+    """Attribute ``name`` of ``node`` as a float (``epsilon``, ``alpha``), else ``default``."""
+    return float(attr(node, name, default))
+
+
+def attr_str(node: onnx.NodeProto, name: str, default: str) -> str:
+    """Attribute ``name`` of ``node`` as text, else ``default``.
+
+    ONNX stores STRING attributes as bytes; they are decoded as UTF-8.
+    """
+    value = attr(node, name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def attr_ints(node: onnx.NodeProto, name: str) -> list[int] | None:
+    """Attribute ``name`` of ``node`` as a list of ints (``pads``, ``kernel_shape``), or None.
+
+    ``None`` (rather than a default list) lets the caller tell an absent attribute, whose
+    meaning the operator defines from other inputs, from an explicit one.
+    """
+    value = attr(node, name, None)
+    return None if value is None else [int(v) for v in value]
+
+
+def static_dims(shape: tuple[int | None, ...]) -> tuple[int, ...] | None:
+    """``shape`` when every dim is known, else None (a symbolic dim has no static value)."""
+    known = tuple(d for d in shape if d is not None)
+    return known if len(known) == len(shape) else None
 
 
 def subgraph_names(node: onnx.NodeProto) -> set[str]:
@@ -379,6 +431,8 @@ class GraphIndex:
             outputs = ReferenceEvaluator(node).run(None, feeds)
         except Exception:  # an op the reference cannot run is simply not a known constant
             return None
+        # run() returns a name -> value dict only for intermediate=True; here it is a list
+        assert isinstance(outputs, list)
         for o, v in zip(node.output, outputs, strict=False):
             if o and o != name:
                 self._values[o] = np.asarray(v)
@@ -390,10 +444,11 @@ class GraphIndex:
             return None
         shape = info.shape
         if node.op_type == "Size":
-            return None if None in shape else np.array(int(np.prod(shape)), dtype=np.int64)
+            known = static_dims(shape)
+            return None if known is None else np.array(int(np.prod(known)), dtype=np.int64)
         rank = len(shape)
-        start = int(attr(node, "start", 0))
-        end = int(attr(node, "end", rank))
+        start = attr_int(node, "start", 0)
+        end = attr_int(node, "end", rank)
         start = min(max(start + rank if start < 0 else start, 0), rank)
         end = min(max(end + rank if end < 0 else end, 0), rank)
         dims = shape[start:end]

@@ -22,7 +22,7 @@ from onnx import helper
 
 from bnfold import foldmath
 from bnfold.onnxfold.discover import Site, bias_input
-from bnfold.onnxfold.graph import GraphIndex, attr
+from bnfold.onnxfold.graph import GraphIndex, attr, attr_float, attr_int
 from bnfold.sites import Direction, FoldDecision
 
 __all__ = ["Rewriter"]
@@ -62,7 +62,7 @@ class Rewriter:
 
     def _affine(self, bn: onnx.NodeProto) -> tuple[foldmath.Affine, list[str]]:
         _, scale, bias, mean, var = bn.input[:5]
-        eps = float(attr(bn, "epsilon", 1e-5))
+        eps = attr_float(bn, "epsilon", 1e-5)
         affine = foldmath.bn_affine(
             self._value64(mean),
             self._value64(var),
@@ -159,15 +159,15 @@ class Rewriter:
                 w64,
                 _vector(bias64, affine.channels),
                 affine,
-                layout.with_groups(int(attr(p, "group", 1))),
+                layout.with_groups(attr_int(p, "group", 1)),
             )
         elif op == "Gemm":
             new_w, new_b = foldmath.fold_gemm_backward(
                 w64,
                 bias64,
                 affine,
-                alpha=float(attr(p, "alpha", 1.0)),
-                beta=float(attr(p, "beta", 1.0)),
+                alpha=attr_float(p, "alpha", 1.0),
+                beta=attr_float(p, "beta", 1.0),
                 trans_b=bool(attr(p, "transB", 0)),
             )
             _set_float(p, "alpha", 1.0)
@@ -187,7 +187,8 @@ class Rewriter:
         g.replace_input(p, w_name, new_w_name)
         out_node = p
         if site.add is not None:
-            g.replace_input(site.add, old_bias, new_b_name)  # type: ignore[arg-type]
+            assert old_bias is not None  # set from the Add above
+            g.replace_input(site.add, old_bias, new_b_name)
             out_node = site.add
         elif op == "MatMul":
             out_node = self._add_bias_after(p, new_b_name, site.name)
@@ -225,7 +226,7 @@ class Rewriter:
         bias64 = None if old_bias is None else self._value64(old_bias)
         w64 = self._value64(w_name)
         if op == "Conv":
-            layout = foldmath.CONV.with_groups(int(attr(q, "group", 1)))
+            layout = foldmath.CONV.with_groups(attr_int(q, "group", 1))
             new_b = _vector(bias64, w64.shape[0])
             new_w, new_b = foldmath.fold_forward(w64, new_b, affine, layout)
         elif op == "Gemm":
@@ -233,8 +234,8 @@ class Rewriter:
                 w64,
                 bias64,
                 affine,
-                alpha=float(attr(q, "alpha", 1.0)),
-                beta=float(attr(q, "beta", 1.0)),
+                alpha=attr_float(q, "alpha", 1.0),
+                beta=attr_float(q, "beta", 1.0),
                 trans_b=bool(attr(q, "transB", 0)),
                 repeat=site.repeat,
             )
