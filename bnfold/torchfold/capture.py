@@ -15,7 +15,8 @@ are kept as leaves so that a user subclass is judged as a module rather than tra
 
 A ``torch.fx.GraphModule`` is used as is. A ``torch.export.ExportedProgram`` is unlifted with
 ``program.module()`` (parameters become ``get_attr`` nodes with their ``state_dict`` names),
-folded, and exported again from the folded module with the program's example inputs.
+folded, and exported again from the folded module with the program's example inputs and
+its dynamic dimensions (see :func:`bnfold.torchfold.fold.fold_torch`).
 
 Shapes: with example inputs, fx ``ShapeProp`` records every node's shape; exported graphs
 carry fake-tensor shapes already.

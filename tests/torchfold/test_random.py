@@ -127,10 +127,10 @@ def test_random_network_float64(seed: int) -> None:
 
 def test_random_networks_mostly_fold() -> None:
     """The generator is not vacuous: across seeds, most BNs are folded and some are kept."""
-    totals = [check_seed(seed, torch.float32) for seed in range(1000, 1030)]
+    totals = [check_seed(seed, torch.float32) for seed in range(1000, 1015)]
     n_bn = sum(t[0] for t in totals)
     n_folded = sum(t[1] for t in totals)
-    assert n_bn > 60
+    assert n_bn > 30
     assert 0.4 * n_bn < n_folded < n_bn
 
 
