@@ -95,12 +95,16 @@ class _FunctionalBatchNorm(nn.Module):
         return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, self.eps)
 
 
+#: What a site observes: a BN module of the model, or the stand-in for a functional BN node.
+_BNModule = nn.modules.batchnorm._BatchNorm | _FunctionalBatchNorm
+
+
 @dataclass(eq=False)
 class _Site:
     """One BatchNorm to recalibrate: the module observed and the buffers written."""
 
     name: str
-    module: nn.Module
+    module: _BNModule
     running_mean: torch.Tensor
     running_var: torch.Tensor
     num_batches_tracked: torch.Tensor | None
@@ -131,15 +135,20 @@ class _Site:
             m.track_running_stats = not on
 
 
-def _bn_modules(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
-    """BN modules with running statistics, and the names of those without."""
-    found, stateless = [], []
+def _bn_modules(
+    model: nn.Module,
+) -> tuple[
+    list[tuple[str, nn.modules.batchnorm._BatchNorm, torch.Tensor, torch.Tensor]], list[str]
+]:
+    """BN modules with running statistics (with those buffers), and the names of those without."""
+    found: list[tuple[str, nn.modules.batchnorm._BatchNorm, torch.Tensor, torch.Tensor]] = []
+    stateless: list[str] = []
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if m.running_mean is None or m.running_var is None:
                 stateless.append(name)
             else:
-                found.append((name, m))
+                found.append((name, m, m.running_mean, m.running_var))
     return found, stateless
 
 
@@ -157,7 +166,7 @@ def _rewrite_functional(
 ]:
     """A GraphModule sharing ``gm``'s tensors with functional BN nodes as observable modules."""
     graph = copy.deepcopy(gm.graph)
-    found = []
+    found: list[tuple[str, _FunctionalBatchNorm, torch.Tensor, torch.Tensor, str]] = []
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _FUNCTIONAL_BN:
             continue
@@ -207,8 +216,7 @@ def _sites(model: nn.Module, estimator: str) -> tuple[nn.Module, list[_Site], li
         runner, functional = _rewrite_functional(model)
     mods, stateless = _bn_modules(model)
     sites = []
-    for name, m in mods:
-        rm, rv = m.running_mean, m.running_var
+    for name, m, rm, rv in mods:
         acc = make_accumulator(estimator, rm.numel(), rm.device)
         sites.append(_Site(name, m, rm, rv, m.num_batches_tracked, acc))
     for name, sub, rm, rv in functional:
@@ -225,10 +233,10 @@ def _sites(model: nn.Module, estimator: str) -> tuple[nn.Module, list[_Site], li
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return None
 
 
@@ -459,7 +467,6 @@ def _measuring_forward(site: _Site, state: _PassState, batch_stats: bool) -> Any
     module = site.module
     acc = site.acc
     original = module.forward
-    functional = isinstance(module, _FunctionalBatchNorm)
     own_norm = batch_stats and site.normalises_itself
     eps = float(module.eps)
 
@@ -474,7 +481,12 @@ def _measuring_forward(site: _Site, state: _PassState, batch_stats: bool) -> Any
             raise _StopPass
         if not own_norm:
             return original(x, *rest)
-        weight, bias = (rest[0], rest[1]) if functional else (module.weight, module.bias)
+        weight: torch.Tensor | None
+        bias: torch.Tensor | None
+        if isinstance(module, _FunctionalBatchNorm):
+            weight, bias = rest[0], rest[1]
+        else:
+            weight, bias = module.weight, module.bias
         var = m2 / max(n, 1)
         if _half(x.dtype):
             # half-precision BNs normalise in float32, as training-mode batch_norm does
@@ -532,7 +544,10 @@ def _run_pass(
     for s in active:
         # keep a forward the caller set on the instance, to put it back afterwards
         patched.append((s.module, s.module.__dict__.get("forward")))
-        s.module.forward = _measuring_forward(s, state, batch_stats)
+        # an instance attribute shadows the class's forward; nn.Module declares forward as
+        # a callable attribute, which is what is assigned here
+        target: nn.Module = s.module
+        target.forward = _measuring_forward(s, state, batch_stats)
     batches = samples = 0
     task = progress.add_task(description, total=options.num_batches)
     try:
