@@ -116,7 +116,8 @@ def verify(
     cand_ort = next((r for r in runners.values() if isinstance(r, OrtRunner)), None)
 
     specs = _specs(ref_ort, cand_ort, cand_src)
-    onnx_names = (ref_ort or cand_ort).output_names if (ref_ort or cand_ort) else None
+    any_ort = ref_ort or cand_ort
+    onnx_names = any_ort.output_names if any_ort else None
     ref_runner: OrtRunner | TorchRunner = ref_ort or TorchRunner(
         reference, float64=reference_float64, output_names=onnx_names
     )
@@ -219,6 +220,8 @@ def _candidate_runners(
     runners: dict[str, OrtRunner | TorchRunner] = {}
     results: dict[str, ProviderResult] = {}
     for p in providers:
+        runner: OrtRunner | TorchRunner | None
+        reason: str | None
         if src is None:
             runner, reason = _torch_candidate(candidate, p)
             runtime = f"torch:{p.lower()}"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,16 +33,19 @@ from bnfold.verification.inputs import Batch
 from bnfold.verification.report import Localisation
 from bnfold.verification.runners import ModelSource, OrtRunner
 
+if TYPE_CHECKING:
+    import onnx
+
 __all__ = ["DEFAULT_CHUNK", "ordered_sites", "localise", "load_fold_report"]
 
 #: Intermediate tensors exposed per run.
 DEFAULT_CHUNK = 16
 
 
-def _producers(model: object) -> dict[str, int]:
+def _producers(model: onnx.ModelProto) -> dict[str, int]:
     """Value name -> index of the node producing it (graph order)."""
     out: dict[str, int] = {}
-    for i, node in enumerate(model.graph.node):  # type: ignore[attr-defined]
+    for i, node in enumerate(model.graph.node):
         for name in node.output:
             if name:
                 out[name] = i
@@ -50,7 +53,7 @@ def _producers(model: object) -> dict[str, int]:
 
 
 def ordered_sites(
-    report: FoldReport, original: object, folded: object
+    report: FoldReport, original: onnx.ModelProto, folded: onnx.ModelProto
 ) -> tuple[list[FoldDecision], list[str]]:
     """The folded decisions whose tensor both graphs compute, in the original's graph order.
 
@@ -154,9 +157,9 @@ def localise(
 
 
 def _star(arg: ToleranceArg) -> ToleranceArg:
-    if arg is None or not hasattr(arg, "get"):
+    if not isinstance(arg, Mapping):
         return arg
-    return {"*": arg["*"]} if "*" in arg else None  # type: ignore[index]
+    return {"*": arg["*"]} if "*" in arg else None
 
 
 def load_fold_report(source: FoldReport | Mapping[str, Any] | str | Path) -> FoldReport:
