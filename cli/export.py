@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
 from bnfold.cli.common import EXIT_FAILED, console, fail, guarded
+
+if TYPE_CHECKING:
+    from bnfold.api import DirectionArg
 
 
 def export(
@@ -77,7 +80,8 @@ def export(
             output,
             data=recal_data,
             num_batches=num_batches,
-            direction=direction,  # type: ignore[arg-type]
+            # typer passes plain text; the fold checks it and refuses anything else
+            direction=cast("DirectionArg", direction),
             verify=not no_verify,
             providers=tuple(p.strip() for p in providers.split(",") if p.strip()),
             rtol=rtol,

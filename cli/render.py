@@ -33,12 +33,15 @@ def render_fold_report(report: FoldReport) -> None:
     if report.decisions:
         console.print(table)
     s = report.summary()
-    by_direction = ", ".join(f"{n} {k}" for k, n in s["folded_by_direction"].items())  # type: ignore[union-attr]
+    folded_by, skipped_by = s["folded_by_direction"], s["skipped_by_code"]
+    # summary() values are typed ``object`` for its JSON form; these two are count dicts
+    assert isinstance(folded_by, dict) and isinstance(skipped_by, dict)
+    by_direction = ", ".join(f"{n} {k}" for k, n in folded_by.items())
     line = f"{s['folded']}/{s['batchnorms']} BatchNorms folded"
     if by_direction:
         line += f" ({by_direction})"
     line += f", {s['skipped']} kept"
-    if s["skipped_by_code"]:
-        codes = ", ".join(f"{n} {k}" for k, n in s["skipped_by_code"].items())  # type: ignore[union-attr]
+    if skipped_by:
+        codes = ", ".join(f"{n} {k}" for k, n in skipped_by.items())
         line += f" ({codes})"
     console.print(line)
