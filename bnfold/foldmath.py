@@ -95,10 +95,6 @@ LINEAR = WeightLayout(out_axis=0, in_axis=1)
 MATMUL = WeightLayout(out_axis=1, in_axis=0, full="in")
 
 
-def _f64(x: np.ndarray | float | None) -> np.ndarray | None:
-    return None if x is None else np.asarray(x, dtype=np.float64)
-
-
 def bn_affine(
     mean: np.ndarray,
     var: np.ndarray,
@@ -116,8 +112,8 @@ def bn_affine(
     var64 = np.asarray(var, dtype=np.float64).reshape(-1)
     if mean64.shape != var64.shape:
         raise ValueError(f"mean has {mean64.size} channels but var has {var64.size}")
-    gamma64 = np.ones_like(mean64) if gamma is None else _f64(gamma).reshape(-1)  # type: ignore[union-attr]
-    beta64 = np.zeros_like(mean64) if beta is None else _f64(beta).reshape(-1)  # type: ignore[union-attr]
+    gamma64 = np.ones_like(mean64) if gamma is None else np.asarray(gamma, np.float64).reshape(-1)
+    beta64 = np.zeros_like(mean64) if beta is None else np.asarray(beta, np.float64).reshape(-1)
     if gamma64.shape != mean64.shape or beta64.shape != mean64.shape:
         raise ValueError("gamma, beta, mean and var must have one value per channel")
     scale = gamma64 / np.sqrt(var64 + np.float64(eps))
