@@ -139,7 +139,7 @@ def test_half_models_store_the_float64_fold_rounded_once(dtype: torch.dtype) -> 
         base.conv.weight.mul_(7.3)
     low = copy.deepcopy(base).to(dtype)
     wide = copy.deepcopy(low).double()  # the same values, exactly
-    x = torch.randn(2, 4, 6, 6)
+    x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
     folded_low, report = bnfold.fold(low, x.to(dtype))
     folded_wide, _ = bnfold.fold(wide, x.double())
     assert len(report.folded) == 3
@@ -149,7 +149,9 @@ def test_half_models_store_the_float64_fold_rounded_once(dtype: torch.dtype) -> 
     ref = wide(x.double())
     err_folded = rel_err(ref, folded_low(x.to(dtype)))
     err_plain = rel_err(ref, low(x.to(dtype)))
-    assert err_folded <= 4 * err_plain + 1e-3
+    # Rounding the activations of a different graph differs by a few ulps of the dtype; a
+    # fold along the wrong axis or with a wrong bias would be off by O(1).
+    assert err_folded <= 4 * err_plain + 4 * torch.finfo(dtype).eps
 
 
 def test_padding_same_folds_backward_and_forward_only_without_zero_padding() -> None:
