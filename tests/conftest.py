@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 # Property tests run with a fixed budget so the default suite stays fast on 2 cores;
@@ -13,3 +17,11 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rngs() -> None:
+    """Every test starts from the same global RNG state, so a failure reproduces."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
