@@ -226,6 +226,8 @@ def export(
             atol=atol,
             progress=progress,
         )
+        # the proto being checked is what gets written: name it by its destination
+        result.verify_report.candidate = f"{out} (as written)"
         if not result.verify_report.passed:
             return result
     save_onnx(onnx_model, out)
