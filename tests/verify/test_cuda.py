@@ -8,15 +8,13 @@ provider is installed but cannot start a session (no GPU or no CUDA libraries).
 from __future__ import annotations
 
 import functools
-import io
 
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
-from verify_models import conv_bn_chain, perturb
+from verify_models import conv_bn_chain, export_onnx, perturb
 
 import bnfold
 from bnfold.cli import verify as verify_cmd
@@ -47,19 +45,7 @@ pytestmark = [
 
 
 def _export(name: str) -> onnx.ModelProto:
-    module, x = build(name)
-    buf = io.BytesIO()
-    torch.onnx.export(
-        module,
-        (x,),
-        buf,
-        dynamo=False,
-        do_constant_folding=False,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}},
-    )
-    return onnx.load_from_string(buf.getvalue())
+    return export_onnx(*build(name))
 
 
 @pytest.mark.parametrize("name", ["resnet-mini", "mobilenet-mini", "decoder"])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import onnx
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
+from verify_models import export_onnx
 
 import bnfold
 from bnfold.cli import verify as verify_cmd
@@ -20,19 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _export(name: str) -> onnx.ModelProto:
-    module, x = build(name)
-    buf = io.BytesIO()
-    torch.onnx.export(
-        module,
-        (x,),
-        buf,
-        dynamo=False,
-        do_constant_folding=False,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}},
-    )
-    return onnx.load_from_string(buf.getvalue())
+    return export_onnx(*build(name))
 
 
 def test_quick_folded_resnet_mini_cli_round_trip(tmp_path):

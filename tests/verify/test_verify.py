@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 from pathlib import Path
@@ -14,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from verify_models import conv_bn_chain, perturb
+from verify_models import conv_bn_chain, export_onnx, perturb
 
 from bnfold import models
 from bnfold.errors import BadInputError
@@ -295,24 +294,9 @@ def test_int_and_bool_inputs_and_exact_int_outputs():
     assert math.isinf(ints.sqnr_db)
 
 
-def _export(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    torch.onnx.export(
-        module,
-        (x,),
-        buf,
-        dynamo=False,
-        do_constant_folding=False,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}},
-    )
-    return onnx.load_from_string(buf.getvalue())
-
-
 def test_torch_float64_reference_against_onnx_candidate():
     module, x = models.build("resnet-mini")
-    exported = _export(module, x)
+    exported = export_onnx(module, x)
     state = copy.deepcopy(module.state_dict())
     report = verify(module, exported, shapes={"input": tuple(x.shape)}, num_batches=2)
     assert report.passed, str(report)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -70,3 +72,19 @@ def perturb(model: onnx.ModelProto, node: str, rel: float) -> onnx.ModelProto:
             t.CopyFrom(_init(initializer, (arr * np.float32(1 + rel)).astype(arr.dtype)))
             return out
     raise KeyError(initializer)
+
+
+def export_onnx(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
+    """``module`` as ONNX with its BatchNorms kept (TorchScript exporter, no constant folding)."""
+    buf = io.BytesIO()
+    torch.onnx.export(
+        module,
+        (x,),
+        buf,
+        dynamo=False,
+        do_constant_folding=False,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}},
+    )
+    return onnx.load_from_string(buf.getvalue())
