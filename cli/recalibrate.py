@@ -41,7 +41,13 @@ def _render(report: Any) -> None:
 
     table = Table(title="BatchNorm recalibration", title_justify="left")
     for col in ("BN", "status", "level", "values/ch", "var before", "var after", "max rel Δvar"):
-        table.add_column(col, justify="left" if col in ("BN", "status") else "right")
+        # BN names are what users search for: wrap them rather than cut them off
+        table.add_column(
+            col,
+            justify="left" if col in ("BN", "status") else "right",
+            overflow="fold" if col == "BN" else "ellipsis",
+            min_width=12 if col == "BN" else None,
+        )
     table.add_column("zero-var ch", justify="right")
     for b in report.bns:
         zero = ",".join(map(str, b.zero_variance_channels[:6]))
