@@ -6,7 +6,7 @@ Deployment pipelines import only from here::
     folded, report = bnfold.fold(model, example_inputs)        # nn.Module / GraphModule / EP / ONNX
     stats = bnfold.recalibrate(model, loader)                  # exact population statistics
     result = bnfold.verify(original_onnx, folded_onnx)         # onnxruntime, per-output errors
-    result = bnfold.export("resnet-mini", "out/")              # load -> fold -> ONNX -> verify
+    result = bnfold.export("resnet-mini", "m.onnx")            # load -> fold -> ONNX -> verify
 
 Heavy dependencies (torch, onnx, onnxruntime) are imported on first use, so ``import bnfold``
 and ``bnfold --help`` stay instant.
