@@ -7,27 +7,19 @@ import sys
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from bnfold.cli.app import app
 from bnfold.models import build
 
+from .test_onnx import _tiny_bn_model
+
 runner = CliRunner()
 
 
 def _onnx_model(path) -> None:
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 2, 3])
-    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 2, 3])
-    inits = [
-        numpy_helper.from_array(np.ones(2, np.float32), "g"),
-        numpy_helper.from_array(np.zeros(2, np.float32), "b"),
-        numpy_helper.from_array(np.zeros(2, np.float32), "m"),
-        numpy_helper.from_array(np.ones(2, np.float32), "v"),
-    ]
-    node = helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], name="bn")
-    graph = helper.make_graph([node], "g", [x], [y], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    onnx.save(_tiny_bn_model(), path)
 
 
 def test_onnx_from_npy_folder_with_json(tmp_path, oracle, rel_err):
