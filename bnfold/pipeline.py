@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bnfold.atomic import check_writable, write_text
-from bnfold.errors import BadInputError, UnsupportedModelError, VerificationError
+from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.report import FoldReport
 
 __all__ = ["ExportResult", "export"]
@@ -240,12 +240,3 @@ def write_report(result: ExportResult, path: str | os.PathLike[str]) -> None:
     import json
 
     write_text(path, json.dumps(result.to_dict(), indent=2))
-
-
-def raise_if_failed(result: ExportResult) -> None:
-    """Raise :class:`VerificationError` when verification failed (for pipelines)."""
-    if not result.passed:
-        raise VerificationError(
-            "the folded model does not match the original; nothing was written (see the "
-            "verification report)"
-        )

@@ -10,7 +10,6 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -59,7 +58,3 @@ def guarded(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         fail("interrupted; no output was written", 130)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def flush() -> None:
-    sys.stdout.flush()
