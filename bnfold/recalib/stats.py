@@ -22,9 +22,13 @@ only under its own name, for comparison and reproduction.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
+import numpy as np
 import torch
+
+from bnfold.recalib import kernels
 
 __all__ = [
     "ESTIMATORS",
@@ -34,6 +38,7 @@ __all__ = [
     "make_accumulator",
     "Scratch",
     "batch_moments",
+    "torch_moments",
     "all_reduce_stats",
 ]
 
@@ -41,6 +46,9 @@ Estimator = Literal["exact", "batch-variance-mean"]
 ESTIMATORS: tuple[str, ...] = ("exact", "batch-variance-mean")
 
 _F64 = torch.float64
+
+#: A float64 ``(C,)`` vector of moments: a tensor, or a numpy array from the CPU kernels.
+Vector = torch.Tensor | np.ndarray
 
 
 class Scratch:
@@ -69,17 +77,82 @@ def batch_moments(
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Reduce one batch to per-channel ``(n, mean, M2)`` in float64.
 
+    Two passes: the batch mean, then the sum of squared deviations from it, every element
+    widened to float64 before it is added (no ``E[x^2] - E[x]^2`` cancellation). CPU float
+    tensors go through the fused kernels of :mod:`bnfold.recalib.kernels` when numba is
+    installed; anything else (CUDA, no numba) through a float64 copy reduced by torch. Both
+    compute the same float64 quantities and differ only in summation order.
+
     Args:
         x: the activations, any float dtype and device.
         channel_axis: the axis that holds the channels; every other axis is reduced.
-        scratch: a reusable work buffer (a fresh one is allocated when None).
+        scratch: a reusable work buffer for the torch path (a fresh one when None).
 
     Returns:
         ``n`` (elements per channel) and float64 ``mean`` and ``M2`` of shape ``(C,)``.
     """
     axis = channel_axis % x.dim()
+    host = host_moments(x, axis)
+    if host is not None:
+        return host[0], torch.from_numpy(host[1]), torch.from_numpy(host[2])
+    channels = x.shape[axis]
+    return (x.numel() // channels if channels else 0), *torch_moments(x, axis, scratch)
+
+
+def host_moments(x: torch.Tensor, axis: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """The compiled-kernel path of :func:`batch_moments`, with numpy results.
+
+    Returns ``(n, mean, M2)``, or None where the kernels cannot take ``x`` (not on the CPU,
+    numba missing, no elements), so the caller falls back to :func:`torch_moments`.
+    """
+    if x.device.type != "cpu" or not kernels.available():
+        return None
     channels = x.shape[axis]
     n = x.numel() // channels if channels else 0
+    if not n:
+        return None
+    mean, m2 = kernels.moments(_outer_channel_inner(x, axis), torch.get_num_threads())
+    return n, mean, m2
+
+
+def _outer_channel_inner(x: torch.Tensor, axis: int) -> np.ndarray:
+    """``x`` as a C-contiguous ``(outer, channels, inner)`` float32/float64 numpy array.
+
+    A tensor stored in another dense order (channels-last) is viewed in its memory order
+    instead of copied, with the channel axis splitting outer from inner. Half-precision
+    inputs are widened to float32 (exact).
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    if not x.is_contiguous():
+        strides = x.stride()
+        order = sorted(range(x.dim()), key=lambda d: -strides[d])
+        permuted = x.permute(order)
+        if permuted.is_contiguous():
+            x, axis = permuted, order.index(axis)
+        else:
+            x = x.contiguous()
+    outer = math.prod(x.shape[:axis])
+    inner = math.prod(x.shape[axis + 1 :])
+    if x.requires_grad:
+        x = x.detach()
+    return x.numpy().reshape(outer, x.shape[axis], inner)
+
+
+def _host_f64(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A float64 numpy view (or copy) of a ``(C,)`` tensor or array."""
+    if isinstance(t, np.ndarray):
+        return t.astype(np.float64, copy=False)
+    if t.device.type == "cpu" and t.dtype == _F64 and not t.requires_grad:
+        return t.numpy()
+    return t.detach().to("cpu", _F64).numpy()
+
+
+def torch_moments(
+    x: torch.Tensor, axis: int, scratch: Scratch | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path of :func:`batch_moments`: float64 ``(mean, M2)`` on ``x``'s device."""
+    channels = x.shape[axis]
     # One float64 copy, laid out channel-major so each channel is a contiguous row: row
     # reductions run at memory speed, where reducing the strided axes of an NCHW tensor does
     # not. The copy is scratch, so it is centred and squared in place (two vectorised passes,
@@ -93,11 +166,16 @@ def batch_moments(
     rows = rows.view(channels, -1)
     mean = rows.mean(dim=1)
     rows.sub_(mean[:, None]).square_()
-    return n, mean, rows.sum(dim=1)
+    return mean, rows.sum(dim=1)
 
 
 class ChannelStats:
     """Exact per-channel count, mean and M2 in float64, merged with Chan's formula.
+
+    Merges are applied lazily: :meth:`add_batch` queues a batch's moments and the queue is
+    merged in arrival order when the statistics are read (or every ``_FLUSH_EVERY`` batches).
+    On the CPU the queue is merged with numpy, whose per-call cost is a fraction of torch's on
+    ``(C,)`` vectors; the float64 operations, and so the results, are the same either way.
 
     Attributes:
         channels: number of channels.
@@ -108,13 +186,45 @@ class ChannelStats:
     """
 
     estimator: Estimator = "exact"
+    _FLUSH_EVERY = 64
 
     def __init__(self, channels: int, device: torch.device | str | None = None) -> None:
         self.channels = channels
-        self.count = 0
-        self.mean = torch.zeros(channels, dtype=_F64, device=device)
-        self.m2 = torch.zeros(channels, dtype=_F64, device=device)
+        self._count = 0
+        self._mean = torch.zeros(channels, dtype=_F64, device=device)
+        self._m2 = torch.zeros(channels, dtype=_F64, device=device)
+        self._pending: list[tuple[int, Vector, Vector]] = []
         self.batches = 0
+
+    @property
+    def count(self) -> int:
+        self._flush()
+        return self._count
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._flush()
+        self._count = value
+
+    @property
+    def mean(self) -> torch.Tensor:
+        self._flush()
+        return self._mean
+
+    @mean.setter
+    def mean(self, value: torch.Tensor) -> None:
+        self._flush()
+        self._mean = value
+
+    @property
+    def m2(self) -> torch.Tensor:
+        self._flush()
+        return self._m2
+
+    @m2.setter
+    def m2(self, value: torch.Tensor) -> None:
+        self._flush()
+        self._m2 = value
 
     def update(
         self, x: torch.Tensor, channel_axis: int = 1, scratch: Scratch | None = None
@@ -122,25 +232,57 @@ class ChannelStats:
         """Add one batch of activations whose channels lie on ``channel_axis``."""
         self.add_batch(*batch_moments(x.detach(), channel_axis, scratch))
 
-    def add_batch(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    def add_batch(self, n: int, mean: Vector, m2: Vector) -> None:
         """Add one batch already reduced by :func:`batch_moments` (its ``n``, mean and M2)."""
         self.merge(n, mean, m2)
         self.batches += 1
 
-    def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    def merge(self, n: int, mean: Vector, m2: Vector) -> None:
         """Merge the moments ``(n, mean, M2)`` of another part of the data (Chan et al.)."""
         if n == 0:
             return
-        mean = mean.to(device=self.mean.device, dtype=_F64)
-        m2 = m2.to(device=self.m2.device, dtype=_F64)
-        if self.count == 0:
-            self.count, self.mean, self.m2 = n, mean.clone(), m2.clone()
+        self._pending.append((n, mean, m2))
+        if len(self._pending) >= self._FLUSH_EVERY:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Merge the queued moments, in the order they arrived."""
+        if not self._pending:
             return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
-        self.count = total
+        pending, self._pending = self._pending, []
+        if self._mean.device.type != "cpu":
+            device = self._mean.device
+            for n, mean, m2 in pending:
+                self._chan(
+                    n,
+                    torch.as_tensor(mean).to(device, _F64),
+                    torch.as_tensor(m2).to(device, _F64),
+                )
+            return
+        count, acc_mean, acc_m2 = self._count, self._mean.numpy(), self._m2.numpy()
+        for n, mean_t, m2_t in pending:
+            b_mean, b_m2 = _host_f64(mean_t), _host_f64(m2_t)
+            if count == 0:
+                count, acc_mean, acc_m2 = n, b_mean.copy(), b_m2.copy()
+                continue
+            total = count + n
+            delta = b_mean - acc_mean
+            acc_mean = acc_mean + delta * (n / total)
+            acc_m2 = acc_m2 + b_m2 + delta * delta * (count * n / total)
+            count = total
+        self._count = count
+        self._mean, self._m2 = torch.from_numpy(acc_mean), torch.from_numpy(acc_m2)
+
+    def _chan(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """One Chan merge with torch ops (accumulators on an accelerator)."""
+        if self._count == 0:
+            self._count, self._mean, self._m2 = n, mean.clone(), m2.clone()
+            return
+        total = self._count + n
+        delta = mean - self._mean
+        self._mean = self._mean + delta * (n / total)
+        self._m2 = self._m2 + m2 + delta * delta * (self._count * n / total)
+        self._count = total
 
     def population_var(self) -> torch.Tensor:
         """Biased variance ``M2 / n`` (what normalisation over the whole data set uses)."""
@@ -176,13 +318,14 @@ class BatchVarianceMean(ChannelStats):
 
     estimator: Estimator = "batch-variance-mean"
 
-    def add_batch(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    def add_batch(self, n: int, mean: Vector, m2: Vector) -> None:
         if n == 0:
             return
         # store running sums of batch means and batch variances in mean/m2; count = batches
-        var = m2 / max(n - 1, 1)
-        self.mean = self.mean + mean.to(self.mean.device)
-        self.m2 = self.m2 + var.to(self.m2.device)
+        device = self.mean.device
+        var = torch.as_tensor(m2).to(device, _F64) / max(n - 1, 1)
+        self.mean = self.mean + torch.as_tensor(mean).to(device, _F64)
+        self.m2 = self.m2 + var
         self.count += n
         self.batches += 1
 
@@ -196,9 +339,9 @@ class BatchVarianceMean(ChannelStats):
     def population_var(self) -> torch.Tensor:
         return self.unbiased_var()
 
-    def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        self.mean = self.mean + mean.to(self.mean.device, _F64)
-        self.m2 = self.m2 + m2.to(self.m2.device, _F64)
+    def merge(self, n: int, mean: Vector, m2: Vector) -> None:
+        self.mean = self.mean + torch.as_tensor(mean).to(self.mean.device, _F64)
+        self.m2 = self.m2 + torch.as_tensor(m2).to(self.m2.device, _F64)
         self.count += n
 
 

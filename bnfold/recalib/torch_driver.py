@@ -57,8 +57,10 @@ from bnfold.recalib.report import BNStats, RecalibrationReport
 from bnfold.recalib.stats import (
     ChannelStats,
     Scratch,
+    Vector,
     all_reduce_stats,
     batch_moments,
+    host_moments,
     make_accumulator,
 )
 
@@ -445,13 +447,32 @@ class _PassState:
     """What the measuring forwards of one pass share."""
 
     scratch: Scratch
+    check_finite: bool = True
     order: list[_Site] = field(default_factory=list)
     calls: int = 0
     stop_at: int = 0
+    #: this batch's moments per call, in call order, for the NaN/Inf check after the batch
+    seen: list[tuple[_Site, Vector, Vector]] = field(default_factory=list)
 
 
 def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
+
+
+def _batch_stats_like(
+    n: int, mean: Vector, m2: Vector, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch mean and biased variance in ``x``'s dtype and device, for normalising ``x``.
+
+    Host moments are converted with numpy: on ``(C,)`` vectors its per-call cost is a fraction
+    of torch's, and this runs once per BN call.
+    """
+    if isinstance(mean, np.ndarray) and isinstance(m2, np.ndarray):
+        kind = np.float32 if x.dtype == torch.float32 else np.float64
+        var = m2 / max(n, 1)
+        return torch.from_numpy(mean.astype(kind)), torch.from_numpy(var.astype(kind))
+    mean_t, m2_t = torch.as_tensor(mean), torch.as_tensor(m2)
+    return mean_t.to(x.device, x.dtype), (m2_t / max(n, 1)).to(x.device, x.dtype)
 
 
 def _measuring_forward(site: _Site, state: _PassState, batch_stats: bool) -> Any:
@@ -471,8 +492,13 @@ def _measuring_forward(site: _Site, state: _PassState, batch_stats: bool) -> Any
     eps = float(module.eps)
 
     def forward(x: torch.Tensor, *rest: Any) -> torch.Tensor:
-        n, mean, m2 = batch_moments(x.detach(), 1, state.scratch)
+        host = host_moments(x, 1)
+        mean: Vector
+        m2: Vector
+        n, mean, m2 = host if host is not None else batch_moments(x, 1, state.scratch)
         acc.add_batch(n, mean, m2)
+        if state.check_finite:
+            state.seen.append((site, mean, m2))
         site.samples += int(x.shape[0]) if x.dim() else 1
         if site not in state.order:
             state.order.append(site)
@@ -487,13 +513,12 @@ def _measuring_forward(site: _Site, state: _PassState, batch_stats: bool) -> Any
             weight, bias = rest[0], rest[1]
         else:
             weight, bias = module.weight, module.bias
-        var = m2 / max(n, 1)
         if _half(x.dtype):
             # half-precision BNs normalise in float32, as training-mode batch_norm does
             y = F.batch_norm(
                 x.float(),
-                mean.float(),
-                var.float(),
+                torch.as_tensor(mean).float(),
+                (torch.as_tensor(m2) / max(n, 1)).float(),
                 None if weight is None else weight.float(),
                 None if bias is None else bias.float(),
                 False,
@@ -501,22 +526,34 @@ def _measuring_forward(site: _Site, state: _PassState, batch_stats: bool) -> Any
                 eps,
             )
             return y.to(x.dtype)
-        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), weight, bias, False, 0.0, eps)
+        mean_x, var_x = _batch_stats_like(n, mean, m2, x)
+        return F.batch_norm(x, mean_x, var_x, weight, bias, False, 0.0, eps)
 
     return forward
 
 
-def _check_finite(order: list[_Site], batch: int) -> None:
-    """Stop naming the first BN whose statistics turned NaN/Inf (NaN persists in the merge)."""
-    flags = torch.stack(
-        [torch.isfinite(s.acc.m2).all() & torch.isfinite(s.acc.mean).all() for s in order]
-    ).tolist()
-    for s, ok in zip(order, flags, strict=True):
-        if not ok:
+def _check_finite(seen: list[tuple[_Site, Vector, Vector]], batch: int) -> None:
+    """Stop naming the first BN (in call order) whose batch moments are NaN/Inf.
+
+    NaN or Inf anywhere in a BN's input makes its mean or M2 non-finite, so checking the
+    ``(C,)`` moments of the batch is enough. Device tensors are checked together first (one
+    synchronisation per batch), host arrays one by one (cheap).
+    """
+    on_device = [t for _, m, q in seen for t in (m, q) if isinstance(t, torch.Tensor)]
+    if on_device and bool(torch.isfinite(torch.cat([t.flatten() for t in on_device])).all()):
+        seen = [e for e in seen if isinstance(e[1], np.ndarray)]
+    for site, mean, m2 in seen:
+        if not (_finite(mean) and _finite(m2)):
             raise RecalibrationError(
-                f"BatchNorm {s.name!r} received NaN or Inf activations in batch {batch}; check "
-                "the data and the layers before it"
+                f"BatchNorm {site.name!r} received NaN or Inf activations in batch {batch}; "
+                "check the data and the layers before it"
             )
+
+
+def _finite(v: Vector) -> bool:
+    if isinstance(v, np.ndarray):
+        return bool(np.isfinite(v).all())
+    return bool(torch.isfinite(v).all())
 
 
 def _run_pass(
@@ -538,7 +575,7 @@ def _run_pass(
     forward do not depend on the data, as in every static-shape network.
     """
     active = [s for s in sites if s.active]
-    state = _PassState(scratch)
+    state = _PassState(scratch, check_finite=options.check_finite)
     batch_stats = options.mode == "batch"
     patched: list[tuple[nn.Module, Any]] = []
     for s in active:
@@ -563,8 +600,8 @@ def _run_pass(
                     state.stop_at = state.calls
                 batches += 1
                 samples += batch_size(batch)
-                if options.check_finite and state.order:
-                    _check_finite(state.order, i + 1)
+                _check_finite(state.seen, i + 1)
+                state.seen.clear()
                 progress.advance(task)
     finally:
         for module, previous in patched:

@@ -1,0 +1,114 @@
+"""The numba kernels behind :mod:`bnfold.recalib.kernels` (see there for the algorithm).
+
+Defined at module level so numba can cache the compiled code on disk; importing this module
+fails with ImportError when numba is not installed, which the caller treats as "no kernels".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+#: Largest ``mean^2 / variance`` accepted from the one-pass raw sums; a channel beyond it is
+#: summed again about its mean.
+RECENTRE = 64.0
+
+#: Column block of the short-run loop: wide enough to vectorise, small enough for the cache.
+BLOCK = 1024
+
+# reassociation lets LLVM vectorise the float64 sums; it changes only the order of the
+# additions, never their precision. contract allows fused multiply-adds (more accurate).
+_jit = numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")  # type: ignore[untyped-decorator]
+def off_centre(s1: float, s2: float, n: int) -> bool:
+    # M2 = S2 - S1^2/n loses ~eps * (1 + 2 r) relative, r = (mean - centre)^2 / variance;
+    # beyond r = RECENTRE (or on a negative M2) the channel is summed again about its mean
+    return s1 * s1 / n > RECENTRE * (s2 - s1 * s1 / n)
+
+
+@_jit
+def row_moments(x: Any, lo: int, hi: int, mean: Any, m2: Any) -> None:
+    # sweeps the input in memory order (prefetch-friendly), one contiguous run at a time;
+    # per-run partial sums are added to per-channel totals (a two-level, more accurate sum)
+    outer, _channels, inner = x.shape
+    n = outer * inner
+    s1 = np.zeros(hi - lo)
+    s2 = np.zeros(hi - lo)
+    for a in range(outer):
+        for c in range(lo, hi):
+            t1 = 0.0
+            t2 = 0.0
+            for b in range(inner):
+                v = np.float64(x[a, c, b])
+                t1 += v
+                t2 += v * v
+            s1[c - lo] += t1
+            s2[c - lo] += t2
+    for c in range(lo, hi):
+        k = c - lo
+        centre = 0.0
+        if off_centre(s1[k], s2[k], n):
+            centre = s1[k] / n
+            t1 = 0.0
+            t2 = 0.0
+            for a in range(outer):
+                for b in range(inner):
+                    d = np.float64(x[a, c, b]) - centre
+                    t1 += d
+                    t2 += d * d
+            s1[k] = t1
+            s2[k] = t2
+        mean[c] = centre + s1[k] / n
+        m2[c] = s2[k] - s1[k] * s1[k] / n
+
+
+@_jit
+def plane_moments(x: Any, lo: int, hi: int, mean: Any, m2: Any) -> None:
+    block = BLOCK
+    outer, channels, inner = x.shape
+    n = outer * inner
+    flat = x.reshape(outer, channels * inner)
+    first, last = lo * inner, hi * inner
+    centre = np.zeros(last - first)
+    sums = np.empty(last - first)
+    squares = np.empty(last - first)
+    for attempt in range(2):
+        for start in range(first, last, block):
+            stop = min(last, start + block)
+            # block-local accumulators: LLVM vectorises the inner loop only when it can
+            # prove the accumulators do not alias the input
+            acc1 = np.zeros(stop - start)
+            acc2 = np.zeros(stop - start)
+            mu = centre[start - first : stop - first]
+            for a in range(outer):
+                row = flat[a, start:stop]
+                if attempt == 0:
+                    for j in range(stop - start):
+                        v = np.float64(row[j])
+                        acc1[j] += v
+                        acc2[j] += v * v
+                else:
+                    for j in range(stop - start):
+                        d = np.float64(row[j]) - mu[j]
+                        acc1[j] += d
+                        acc2[j] += d * d
+            sums[start - first : stop - first] = acc1
+            squares[start - first : stop - first] = acc2
+        again = False
+        for c in range(lo, hi):
+            s1 = 0.0
+            s2 = 0.0
+            for b in range((c - lo) * inner, (c - lo + 1) * inner):
+                s1 += sums[b]
+                s2 += squares[b]
+            mean[c] = centre[(c - lo) * inner] + s1 / n
+            m2[c] = s2 - s1 * s1 / n
+            again = again or off_centre(s1, s2, n)
+        if not again:
+            break
+        for c in range(lo, hi):
+            centre[(c - lo) * inner : (c - lo + 1) * inner] = mean[c]
