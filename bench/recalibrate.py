@@ -1,6 +1,6 @@
 """Recalibration side by side with ``torch.optim.swa_utils.update_bn`` and a bare forward.
 
-Two tables:
+Three tables:
 
 1. Statistics error of the first BatchNorm (its input does not depend on other BNs, so every
    tool measures the same activations) against a float64 whole-data oracle, on data built to
@@ -9,18 +9,25 @@ Two tables:
 2. Throughput over the same loader as a ratio to a bare ``torch.no_grad()`` forward (the
    limit): bnfold ``mode="batch"`` (one pass, the like-for-like comparison with update_bn),
    ``update_bn``, and bnfold ``mode="population"`` (one pass per depth level, each stopping
-   after its deepest BN; its ratio is in total and per pass on average).
+   after its deepest BN; its ratio is in total and per pass on average). The runs take turns
+   in each round and the ratio is the median over rounds; glibc's allocator is pinned first
+   (see :func:`pin_allocator`) so page faults do not depend on what ran before.
 3. The ONNX driver's cost of building its probe copy with onnx-graphsurgeon, next to running
    onnxruntime over the same data (``mode="batch"``: one probe copy, one pass).
 
-Run: ``python bench/recalibrate.py [--model resnet-mini] [--batches 16] [--batch-size 64]``.
+Run: ``python bench/recalibrate.py [--model resnet-mini] [--batches 16] [--batch-size 64]
+[--threads 1] [--no-population]``. ``BNFOLD_NO_JIT=1`` times the torch fallback instead of the
+compiled moment kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -96,6 +103,23 @@ def error_table(model_name: str, batches: int, bs: int) -> None:
             print(f"{data_name:<16}{tool:<34}{em:>18.3e}{ev:>18.3e}")
 
 
+def pin_allocator() -> bool:
+    """Keep freed activation memory in the process (glibc only); returns whether it applied.
+
+    glibc serves large allocations with mmap below a threshold it raises dynamically as blocks
+    are freed, so whether each ResNet activation costs fresh page faults depends on what the
+    process allocated before. On the 2-core reference machine that alone moves a bare forward
+    between 180 and 300 ms. Fixing the mmap and trim thresholds takes that history out, so
+    every run is timed in the same (fault-free) state.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     best = float("inf")
@@ -106,7 +130,32 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def throughput_table(model_name: str, batches: int, bs: int, repeats: int) -> None:
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Times of each run over ``repeats`` rounds, the runs taking turns within a round.
+
+    Taking turns exposes every run to the same slow phases of a shared machine, so the ratio of
+    two runs within one round is stable where back-to-back timing of one run, then the next,
+    drifts by 10% or more; the tables report the median of those per-round ratios.
+    """
+    for fn in runs.values():
+        fn()  # warm-up (first-call compilation, allocator growth)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratio(limit: list[float], run: list[float]) -> float:
+    """Median over rounds of ``limit / run`` (speed relative to the limit)."""
+    return statistics.median(a / b for a, b in zip(limit, run, strict=True))
+
+
+def throughput_table(
+    model_name: str, batches: int, bs: int, repeats: int, population: bool = True
+) -> None:
     model, example = build(model_name)
     gen = torch.Generator().manual_seed(1)
     data = [torch.randn(bs, *example.shape[1:], generator=gen) for _ in range(batches)]
@@ -122,26 +171,36 @@ def throughput_table(model_name: str, batches: int, bs: int, repeats: int) -> No
     m_upd = copy.deepcopy(model)
     m_b = copy.deepcopy(model)
     m_p = copy.deepcopy(model)
-    t_bare = timed(bare, repeats)
-    t_upd = timed(lambda: update_bn(loader, m_upd), repeats)
-    t_batch = timed(lambda: bnfold.recalibrate(m_b, loader, mode="batch", progress=False), repeats)
-    report = bnfold.recalibrate(copy.deepcopy(model), loader, progress=False)
-    t_pop = timed(lambda: bnfold.recalibrate(m_p, loader, progress=False), repeats)
+    runs: dict[str, Callable[[], object]] = {
+        "bare": bare,
+        "batch": lambda: bnfold.recalibrate(m_b, loader, mode="batch", progress=False),
+        "update_bn": lambda: update_bn(loader, m_upd),
+    }
+    passes = 0
+    if population:
+        passes = bnfold.recalibrate(copy.deepcopy(model), loader, progress=False).passes
+        runs["population"] = lambda: bnfold.recalibrate(m_p, loader, progress=False)
+    times = interleaved(runs, repeats)
     samples = batches * bs
     print(
         f"\nThroughput ({model_name}, {batches} batches of {bs}, {torch.get_num_threads()} "
-        f"thread(s), best of {repeats})"
+        f"thread(s), {repeats} interleaved rounds; samples/s of the best round, ratio = median "
+        "over rounds)"
     )
     print(f"{'run':<40}{'samples/s':>12}{'vs bare forward':>18}")
     rows = [
-        ("bare torch.no_grad() forward (limit)", t_bare),
-        ("bnfold mode=batch (one pass)", t_batch),
-        ("swa_utils.update_bn (one pass)", t_upd),
-        (f"bnfold mode=population ({report.passes} passes)", t_pop),
-        ("bnfold mode=population, mean pass", t_pop / report.passes),
+        ("bare torch.no_grad() forward (limit)", times["bare"]),
+        ("bnfold mode=batch (one pass)", times["batch"]),
+        ("swa_utils.update_bn (one pass)", times["update_bn"]),
     ]
+    if population:
+        rows += [
+            (f"bnfold mode=population ({passes} passes)", times["population"]),
+            ("bnfold mode=population, mean pass", [t / passes for t in times["population"]]),
+        ]
     for name, t in rows:
-        print(f"{name:<40}{samples / t:>12.1f}{t_bare / t:>17.2f}x")
+        ratio = paired_ratio(times["bare"], t)
+        print(f"{name:<40}{samples / min(t):>12.1f}{ratio:>17.2f}x")
 
 
 def onnx_table(model_name: str, batches: int, bs: int) -> None:
@@ -171,12 +230,21 @@ def main() -> None:
     ap.add_argument("--model", default="resnet-mini")
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--no-population",
+        action="store_true",
+        help="skip mode=population in the throughput table (one pass per depth level: ~50 "
+        "passes on resnet50)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    pin_allocator()
     error_table(args.model, args.batches, args.batch_size)
-    throughput_table(args.model, args.batches, args.batch_size, args.repeats)
+    throughput_table(
+        args.model, args.batches, args.batch_size, args.repeats, not args.no_population
+    )
     onnx_table(args.model, args.batches, args.batch_size)
 
 
