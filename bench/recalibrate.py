@@ -233,6 +233,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
+        "--tables",
+        default="errors,throughput,onnx",
+        help="comma-separated subset of: errors, throughput, onnx",
+    )
+    ap.add_argument(
         "--no-population",
         action="store_true",
         help="skip mode=population in the throughput table (one pass per depth level: ~50 "
@@ -241,11 +246,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pin_allocator()
-    error_table(args.model, args.batches, args.batch_size)
-    throughput_table(
-        args.model, args.batches, args.batch_size, args.repeats, not args.no_population
-    )
-    onnx_table(args.model, args.batches, args.batch_size)
+    tables = set(args.tables.split(","))
+    if "errors" in tables:
+        error_table(args.model, args.batches, args.batch_size)
+    if "throughput" in tables:
+        throughput_table(
+            args.model, args.batches, args.batch_size, args.repeats, not args.no_population
+        )
+    if "onnx" in tables:
+        onnx_table(args.model, args.batches, args.batch_size)
 
 
 if __name__ == "__main__":

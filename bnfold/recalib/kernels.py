@@ -26,9 +26,9 @@ elements per channel per outer index):
 * short ``B`` (small feature maps, ``(N, C)`` features, channels-last layouts): the channel's
   ``B`` columns are accumulated down the ``A`` rows, vectorised across columns, then folded.
 
-Every channel is reduced on its own, so channels are split across threads in contiguous
-ranges (as many as ``torch.get_num_threads()``) and the result does not depend on the thread
-count. The kernels are compiled serial and release the GIL; the threads are a small Python
+Every channel is reduced on its own, so large inputs are split across threads in contiguous
+channel ranges (as many as ``torch.get_num_threads()``) and the result does not depend on the
+thread count. The kernels are compiled serial and release the GIL; the threads are a small Python
 pool. numba's own parallel backends are avoided on purpose: its OpenMP layer shares
 ``libgomp`` with PyTorch and would reset PyTorch's intra-op thread count, and its workqueue
 layer aborts the process on concurrent calls.
@@ -52,8 +52,11 @@ __all__ = ["ROW_MIN", "available", "moments"]
 
 #: Per-channel run length from which the row loop is used.
 ROW_MIN = 256
-#: Inputs smaller than this run on the calling thread (a thread hand-off costs ~20 us).
-_SPLIT_MIN = 1 << 17
+#: Inputs smaller than this (16 MB of float32) run on the calling thread alone. Right after a
+#: PyTorch op, its OpenMP workers keep spinning for a while on every core, so a helper thread
+#: competes with them: on 2 cores, splitting resnet-mini's activations (<= 0.5M elements) made
+#: batch-mode recalibration slower (0.80x of a bare forward, against 0.87x unsplit).
+_SPLIT_MIN = 1 << 22
 
 _kernels: tuple[Any, Any] | None = None
 _loaded = False
