@@ -23,7 +23,7 @@ only under its own name, for comparison and reproduction.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Generic, Literal, TypeVar, cast, overload
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ Estimator = Literal["exact", "batch-variance-mean"]
 ESTIMATORS: tuple[str, ...] = ("exact", "batch-variance-mean")
 
 _F64 = torch.float64
+T = TypeVar("T")
 
 #: A float64 ``(C,)`` vector of moments: a tensor, or a numpy array from the CPU kernels.
 Vector = torch.Tensor | np.ndarray
@@ -169,6 +170,27 @@ def torch_moments(
     return mean, rows.sum(dim=1)
 
 
+class _Flushed(Generic[T]):
+    """An accumulator attribute that applies the queued merges before it is read or set."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _Flushed[T]: ...
+    @overload
+    def __get__(self, obj: ChannelStats, owner: type) -> T: ...
+    def __get__(self, obj: ChannelStats | None, owner: type) -> _Flushed[T] | T:
+        if obj is None:
+            return self
+        obj._flush()
+        return cast(T, getattr(obj, self.slot))
+
+    def __set__(self, obj: ChannelStats, value: T) -> None:
+        obj._flush()
+        setattr(obj, self.slot, value)
+
+
 class ChannelStats:
     """Exact per-channel count, mean and M2 in float64, merged with Chan's formula.
 
@@ -187,6 +209,9 @@ class ChannelStats:
 
     estimator: Estimator = "exact"
     _FLUSH_EVERY = 64
+    count = _Flushed[int]()
+    mean = _Flushed[torch.Tensor]()
+    m2 = _Flushed[torch.Tensor]()
 
     def __init__(self, channels: int, device: torch.device | str | None = None) -> None:
         self.channels = channels
@@ -195,36 +220,6 @@ class ChannelStats:
         self._m2 = torch.zeros(channels, dtype=_F64, device=device)
         self._pending: list[tuple[int, Vector, Vector]] = []
         self.batches = 0
-
-    @property
-    def count(self) -> int:
-        self._flush()
-        return self._count
-
-    @count.setter
-    def count(self, value: int) -> None:
-        self._flush()
-        self._count = value
-
-    @property
-    def mean(self) -> torch.Tensor:
-        self._flush()
-        return self._mean
-
-    @mean.setter
-    def mean(self, value: torch.Tensor) -> None:
-        self._flush()
-        self._mean = value
-
-    @property
-    def m2(self) -> torch.Tensor:
-        self._flush()
-        return self._m2
-
-    @m2.setter
-    def m2(self, value: torch.Tensor) -> None:
-        self._flush()
-        self._m2 = value
 
     def update(
         self, x: torch.Tensor, channel_axis: int = 1, scratch: Scratch | None = None
