@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(autouse=True)
 def _kernels_on() -> None:
+    if os.environ.get("BNFOLD_NO_JIT") == "1":
+        pytest.skip("the compiled kernels are switched off by BNFOLD_NO_JIT=1")
     assert kernels.available(), "numba is a dependency; the kernels must load"
 
 
