@@ -61,6 +61,7 @@ _SPLIT_MIN = 1 << 22
 _kernels: tuple[Any, Any] | None = None
 _loaded = False
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 _pool_lock = threading.Lock()
 
 
@@ -82,10 +83,12 @@ def _get() -> tuple[Any, Any] | None:
 
 
 def _executor() -> ThreadPoolExecutor:
-    global _pool
+    """The shared helper threads; a forked child (DataLoader workers) builds its own."""
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="bnfold")
+            _pool_pid = os.getpid()
         return _pool
 
 
