@@ -145,6 +145,14 @@ def recalibrate(
             "(update_bn's equal-weight average, for comparison only).",
         ),
     ] = "exact",
+    data_cache_mb: Annotated[
+        float,
+        typer.Option(
+            "--data-cache-mb",
+            help="population mode: keep up to this many MiB of batches from the first pass "
+            "and replay them (0: read the data again every pass).",
+        ),
+    ] = 1024.0,
     json: Annotated[
         Path | None, typer.Option("--json", help="Also write the report as JSON here.")
     ] = None,
@@ -179,6 +187,7 @@ def recalibrate(
                 mode=mode,
                 estimator=estimator,
                 progress=progress,
+                data_cache_mb=data_cache_mb,
             )
 
         if model.lower().endswith(".onnx"):

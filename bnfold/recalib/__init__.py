@@ -41,6 +41,7 @@ def recalibrate(
     inplace: bool = True,
     check_finite: bool = True,
     providers: list[str] | None = None,
+    data_cache_mb: float = 1024.0,
 ) -> RecalibrationReport:
     """Replace every BatchNorm's running statistics by the exact statistics of ``data``.
 
@@ -50,8 +51,10 @@ def recalibrate(
         data: any iterable of batches (a DataLoader, a list, a generator; ``len()`` is never
             used). A batch is a tensor (the input), a tuple/list (its *first* element is the
             input, the rest — targets — is ignored), or a dict (keyword arguments; for ONNX:
-            input name -> array). numpy arrays are accepted. ``mode="population"`` iterates
-            the data once per BN depth level, so it must be re-iterable.
+            input name -> array). numpy arrays are accepted. ``mode="population"`` makes one
+            pass per BN depth level; it reads ``data`` once and replays the batches from
+            memory when they fit ``data_cache_mb``, else it iterates ``data`` again (which then
+            must be re-iterable).
         num_samples: stop after this many samples (the last batch is cut to fit).
         num_batches: stop after this many batches.
         forward_fn: ``forward_fn(model, batch)`` calls the model on a batch of any other shape
@@ -71,6 +74,10 @@ def recalibrate(
         check_finite: stop with :class:`~bnfold.errors.RecalibrationError` naming the BN that
             received NaN/Inf activations.
         providers: ONNX only: onnxruntime execution providers (default CPU).
+        data_cache_mb: ``mode="population"`` keeps up to this many MiB of host batches from
+            its first pass and replays copies of them for the later passes, so the loader runs
+            once and every level sees the same samples (also with a shuffling or augmenting
+            loader, and a generator works). 0 re-reads ``data`` every pass.
 
     Returns:
         A :class:`RecalibrationReport`; ``report.model`` is the recalibrated model (the same
@@ -97,6 +104,7 @@ def recalibrate(
         inplace=inplace,
         check_finite=check_finite,
         providers=providers,
+        data_cache_mb=data_cache_mb,
     )
     if _is_onnx(model):
         from bnfold.recalib.onnx_driver import recalibrate_onnx

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from bnfold.data import as_tensor, load_data_spec, normalise_batch
@@ -29,6 +30,7 @@ from bnfold.errors import BadInputError
 
 __all__ = [
     "ForwardFn",
+    "Replay",
     "call_model",
     "iter_budget",
     "to_device",
@@ -144,3 +146,112 @@ def call_model(model: Any, batch: Any, forward_fn: ForwardFn | None = None) -> A
     if isinstance(batch, Mapping):
         return model(**batch)
     return model(first_input(batch))
+
+
+def _nbytes(batch: Any) -> int | None:
+    """Host bytes held by a (nested) batch; None if any tensor lives on an accelerator."""
+    if isinstance(batch, torch.Tensor):
+        return batch.nbytes if batch.device.type == "cpu" else None
+    if isinstance(batch, np.ndarray):
+        return batch.nbytes
+    parts: Iterable[Any] = ()
+    if isinstance(batch, Mapping):
+        parts = batch.values()
+    elif isinstance(batch, tuple | list):
+        parts = batch
+    total = 0
+    for part in parts:
+        size = _nbytes(part)
+        if size is None:
+            return None
+        total += size
+    return total
+
+
+def _clone(batch: Any) -> Any:
+    """A copy of every tensor/array in ``batch`` (so a model that edits its input in place
+    cannot change what the next pass sees)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, np.ndarray):
+        return batch.copy()
+    if isinstance(batch, Mapping):
+        return {k: _clone(v) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_clone(v) for v in batch)
+    return batch
+
+
+class Replay:
+    """The budgeted batches of ``data``, kept in host memory so later passes replay them.
+
+    Population-mode recalibration iterates the data once per BatchNorm depth level. Keeping
+    the batches of the first pass (up to ``budget_bytes``) means the loader runs once: decoding
+    and augmentation are paid once, every level sees the very same samples (a shuffling or
+    randomly augmenting loader would otherwise give each level another draw), and a one-shot
+    iterator (a generator) works. Replayed batches are copies, so a model that edits its input
+    in place cannot change what a later pass sees.
+
+    Batches are recorded as they are first pulled, so a partial iteration (the level probe
+    reads one batch) loses nothing. When the data outgrows the budget, or holds accelerator
+    tensors, recording stops: the pass under way streams on, and later passes iterate ``data``
+    again, which needs a re-iterable ``data`` (a DataLoader, a list) — a one-shot iterator then
+    fails with a clear error.
+    """
+
+    def __init__(
+        self,
+        data: Iterable[Any],
+        budget_bytes: int,
+        *,
+        num_samples: int | None = None,
+        num_batches: int | None = None,
+    ) -> None:
+        self._data = data
+        self._budget = budget_bytes
+        self._limits = {"num_samples": num_samples, "num_batches": num_batches}
+        self._live: Iterator[Any] | None = None
+        self._kept: list[Any] | None = []
+        self._bytes = 0
+        self._done = False
+        self.source_passes = 0
+
+    @property
+    def replaying(self) -> bool:
+        """Whether every batch is kept (later passes do not touch ``data``)."""
+        return self._kept is not None
+
+    def _fresh(self) -> Iterator[Any]:
+        if self.source_passes and isinstance(self._data, Iterator):
+            raise BadInputError(
+                f"the data did not fit the replay cache ({self._budget / 2**20:.0f} MiB) and is "
+                "a one-shot iterator, but mode='population' needs one pass per BatchNorm depth "
+                "level; raise data_cache_mb, pass a re-iterable loader, or use mode='batch'"
+            )
+        self.source_passes += 1
+        return iter_budget(self._data, **self._limits)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._kept is None:
+            yield from self._fresh()
+            return
+        for batch in list(self._kept):
+            yield _clone(batch)
+        if self._done:
+            return
+        if self._live is None:
+            self._live = self._fresh()
+        for batch in self._live:
+            if self._kept is not None:
+                size = _nbytes(batch)
+                if size is None or self._bytes + size > self._budget:
+                    self._kept = None
+                    self._bytes = 0
+                else:
+                    self._kept.append(batch)
+                    self._bytes += size
+                    yield _clone(batch)
+                    continue
+            yield batch
+        self._done = True
+        self._live = None

@@ -310,18 +310,13 @@ def recalibrate_onnx(
     batch_stats = options.mode == "batch"
     if batch_stats:
         _check_batch_opset(result)
-    try:
-        iter(data)
-    except TypeError:
+    # no iter() here: a DataLoader would start its worker processes just to be checked
+    if not (isinstance(data, Iterable) or hasattr(data, "__getitem__")):
         raise BadInputError(
             f"data of type {type(data).__name__} is not iterable; pass a list of batches"
-        ) from None
-    if not batch_stats and iter(data) is data:
-        raise BadInputError(
-            "mode='population' makes one pass per BatchNorm depth level and needs data it can "
-            "iterate again (a list or a DataLoader), not a one-shot iterator; pass a "
-            "re-iterable or mode='batch'"
         )
+    if not batch_stats:
+        data = options.replayable(data)
     if batch_stats:
         groups = [sites]
     else:

@@ -259,13 +259,6 @@ def _round_like(x64: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x64.to(like.dtype)
 
 
-def _is_one_shot(data: Iterable[Any]) -> bool:
-    try:
-        return iter(data) is data
-    except TypeError:
-        return False
-
-
 def _dist_world() -> int:
     import torch.distributed as dist
 
@@ -664,12 +657,8 @@ def recalibrate_torch(
         raise BadInputError(
             "the model has no BatchNorm with running statistics; nothing to recalibrate"
         )
-    if mode == "population" and _is_one_shot(data):
-        raise BadInputError(
-            "mode='population' makes one pass per BatchNorm depth level and needs data it can "
-            "iterate again (a DataLoader or a list), not a one-shot iterator; pass a re-iterable "
-            "or mode='batch'"
-        )
+    if mode == "population":
+        data = options.replayable(data)
     dev = torch.device(options.device) if options.device is not None else _model_device(model)
     for s in sites:
         s.old_mean = s.running_mean.detach().clone().cpu()

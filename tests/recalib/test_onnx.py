@@ -114,3 +114,15 @@ def test_onnx_errors():
         bnfold.recalibrate(_tiny_bn_model(), bad, progress=False)
     with pytest.raises(BadInputError, match="not model inputs"):
         bnfold.recalibrate(_tiny_bn_model(), [{"z": np.zeros((2, 2, 3), np.float32)}])
+
+
+def test_onnx_population_mode_replays_a_generator(exported):
+    _, proto = exported
+    listed = bnfold.recalibrate(proto, _data(), data_cache_mb=0, progress=False)
+    replayed = bnfold.recalibrate(proto, (b.numpy() for b in _data()), progress=False)
+    assert replayed.passes == listed.passes > 1
+    inits = {t.name: numpy_helper.to_array(t) for t in listed.model.graph.initializer}
+    for t in replayed.model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(t), inits[t.name])
+    with pytest.raises(BadInputError, match="did not fit the replay cache"):
+        bnfold.recalibrate(proto, iter(_data()), data_cache_mb=0, progress=False)

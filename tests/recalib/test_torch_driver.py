@@ -136,12 +136,89 @@ def test_batch_shapes_tuple_dict_forward_fn_and_budget(correlated_images):
                 torch.testing.assert_close(_bn_state(other)[k], v, rtol=1e-6, atol=1e-7)
 
 
-def test_generator_without_len_in_batch_mode_and_refused_in_population(correlated_images):
+def test_generator_works_in_both_modes(correlated_images):
     gen = (correlated_images[i : i + 8] for i in range(0, 32, 8))
     r = bnfold.recalibrate(_net(), gen, mode="batch", num_batches=3, progress=False)
     assert r.batches == 3
-    with pytest.raises(BadInputError, match="iterate again"):
-        bnfold.recalibrate(_net(), iter([correlated_images[:4]]), progress=False)
+    # population mode replays the generator's batches from memory for its later passes
+    gen = (correlated_images[i : i + 8] for i in range(0, 32, 8))
+    net = _net()
+    r = bnfold.recalibrate(net, gen, progress=False)
+    ref = _net()
+    bnfold.recalibrate(ref, _batches(correlated_images[:32], 8), progress=False)
+    assert r.passes > 1 and r.samples == 32
+    for k, v in _bn_state(ref).items():
+        assert torch.equal(_bn_state(net)[k], v)
+
+
+def test_one_shot_data_that_outgrows_the_cache_is_refused_clearly(correlated_images):
+    net = _net()
+    before = _bn_state(net)
+    with pytest.raises(BadInputError, match="did not fit the replay cache"):
+        bnfold.recalibrate(
+            net, iter(_batches(correlated_images, 8)), data_cache_mb=0, progress=False
+        )
+    for k, v in before.items():
+        assert torch.equal(_bn_state(net)[k], v)
+
+
+class _CountingLoader:
+    """A re-iterable loader that counts how often it is iterated."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches, self.iterations = batches, 0
+
+    def __iter__(self):
+        self.iterations += 1
+        return iter(self.batches)
+
+
+def test_population_mode_reads_the_loader_once_when_it_fits(correlated_images):
+    loader = _CountingLoader(_batches(correlated_images, 16))
+    r = bnfold.recalibrate(_net(), loader, progress=False)
+    assert r.passes == 2 and loader.iterations == 1
+    # without a cache every pass (and the level probe) iterates the loader again
+    uncached = _CountingLoader(_batches(correlated_images, 16))
+    r0 = bnfold.recalibrate(_net(), uncached, data_cache_mb=0, progress=False)
+    assert uncached.iterations == r0.passes + 1
+    # a cache smaller than the data stops recording and streams: same statistics either way
+    part = _CountingLoader(_batches(correlated_images, 16))
+    small = correlated_images[:16].nbytes * 1.5 / 2**20
+    nets = [_net() for _ in range(3)]
+    bnfold.recalibrate(nets[0], loader, progress=False)
+    bnfold.recalibrate(nets[1], uncached, data_cache_mb=0, progress=False)
+    bnfold.recalibrate(nets[2], part, data_cache_mb=small, progress=False)
+    assert part.iterations > 1
+    for k, v in _bn_state(nets[0]).items():
+        assert torch.equal(_bn_state(nets[1])[k], v)
+        assert torch.equal(_bn_state(nets[2])[k], v)
+
+
+class _InPlaceInput(nn.Module):
+    """Normalises its input in place before the network, as some preprocessing modules do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.sub_(1.0)
+        return self.net(x)
+
+
+def test_a_model_editing_its_input_in_place_sees_the_same_data_every_pass(correlated_images):
+    data = _batches(correlated_images, 16)
+    model = _InPlaceInput().eval()
+    bnfold.recalibrate(model, data, progress=False)
+    ref = _net()
+    bnfold.recalibrate(ref, _batches(correlated_images - 1.0, 16), progress=False)
+    for k, v in _bn_state(ref).items():
+        torch.testing.assert_close(_bn_state(model.net)[k], v, rtol=1e-6, atol=0)
+
+
+def test_negative_data_cache_is_bad_input(correlated_images):
+    with pytest.raises(BadInputError, match="data_cache_mb"):
+        bnfold.recalibrate(_net(), _batches(correlated_images, 8), data_cache_mb=-1)
 
 
 def test_empty_loader_is_an_error_and_leaves_model_untouched():
@@ -163,7 +240,9 @@ def test_nan_names_the_bn_and_restores(correlated_images):
     assert all(torch.equal(before[k], v) for k, v in _bn_state(net).items())
 
 
-def test_loader_raising_midway_restores_everything(correlated_images):
+# without a cache: probe, pass 1 complete, fail in pass 2; with one, the loader runs once
+@pytest.mark.parametrize(("cache_mb", "fail_on"), [(0, 3), (1024, 1)])
+def test_loader_raising_midway_restores_everything(correlated_images, cache_mb, fail_on):
     net = _net()
     before = _bn_state(net)
 
@@ -174,12 +253,12 @@ def test_loader_raising_midway_restores_everything(correlated_images):
         def __iter__(self):
             self.passes += 1
             yield correlated_images[:4]
-            if self.passes >= 3:  # probe, pass 1 complete, fail in pass 2
+            if self.passes >= fail_on:
                 raise OSError("disk went away")
             yield correlated_images[4:8]
 
     with pytest.raises(OSError, match="disk"):
-        bnfold.recalibrate(net, Flaky(), progress=False)
+        bnfold.recalibrate(net, Flaky(), data_cache_mb=cache_mb, progress=False)
     assert all(torch.equal(before[k], v) for k, v in _bn_state(net).items())
 
 
