@@ -35,14 +35,15 @@ layer aborts the process on concurrent calls.
 
 numba is an optional accelerator, not a requirement: without it (or for CUDA tensors),
 :func:`bnfold.recalib.stats.batch_moments` uses the torch path. ``BNFOLD_NO_JIT=1`` forces the
-torch path (for comparison and debugging). Kernels are compiled on first use (about a second
-per input dtype) and cached on disk by numba.
+torch path (for comparison and debugging). Kernels are compiled on first use (a few seconds)
+and cached on disk by numba, so later processes load them in well under a second.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -69,7 +70,10 @@ def _compile() -> tuple[Any, Any] | None:
     """Import the kernels (numba compiles them on the first call per dtype, then caches)."""
     try:
         from bnfold.recalib import _jit
-    except ImportError:
+    except ImportError:  # numba not installed, or too old/new for this numpy
+        return None
+    except Exception as e:  # a broken install: say so once, keep working on the torch path
+        warnings.warn(f"bnfold: numba kernels unavailable ({e}); using torch", stacklevel=2)
         return None
     return _jit.row_moments, _jit.plane_moments
 
