@@ -96,6 +96,14 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+def disable(reason: str) -> None:
+    """Stop using the kernels in this process (after a compile failure), saying why once."""
+    global _kernels, _loaded
+    if _kernels is not None:
+        warnings.warn(f"bnfold: numba kernels disabled ({reason}); using torch", stacklevel=2)
+    _kernels, _loaded = None, True
+
+
 def available() -> bool:
     """Whether the compiled kernels can be used (numba importable, not disabled)."""
     return _get() is not None

@@ -112,7 +112,14 @@ def host_moments(x: torch.Tensor, axis: int) -> tuple[int, np.ndarray, np.ndarra
     n = x.numel() // channels if channels else 0
     if not n:
         return None
-    mean, m2 = kernels.moments(_outer_channel_inner(x, axis), torch.get_num_threads())
+    view = _outer_channel_inner(x, axis)
+    try:
+        mean, m2 = kernels.moments(view, torch.get_num_threads())
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # numba failed to compile for this machine: the torch path works
+        kernels.disable(f"{type(e).__name__}: {e}")
+        return None
     return n, mean, m2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -128,3 +129,23 @@ def test_disabled_kernels_fall_back_to_torch(monkeypatch):
     assert rel(t_mean.numpy(), k_mean.numpy()) <= 1e-12
     with pytest.raises(RuntimeError, match="not available"):
         kernels.moments(x.numpy().reshape(8, 5, 81))
+
+
+def test_a_kernel_failure_falls_back_to_torch_with_one_warning(monkeypatch):
+    x = torch.randn(4, 3, 5, 5)
+    expected = torch_moments(x, 1)
+
+    def broken(*_args):
+        raise RuntimeError("LLVM could not compile")
+
+    monkeypatch.setattr(kernels, "moments", broken)
+    monkeypatch.setattr(kernels, "_kernels", kernels._kernels)
+    monkeypatch.setattr(kernels, "_loaded", kernels._loaded)
+    with pytest.warns(UserWarning, match="numba kernels disabled"):
+        n, mean, m2 = batch_moments(x, 1)
+    assert n == 100 and not kernels.available()
+    torch.testing.assert_close(mean, expected[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(m2, expected[1], rtol=1e-12, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch_moments(x, 1)  # no second warning: the kernels stay off
