@@ -529,12 +529,18 @@ def _check_finite(seen: list[tuple[_Site, Vector, Vector]], batch: int) -> None:
     """Stop naming the first BN (in call order) whose batch moments are NaN/Inf.
 
     NaN or Inf anywhere in a BN's input makes its mean or M2 non-finite, so checking the
-    ``(C,)`` moments of the batch is enough. Device tensors are checked together first (one
-    synchronisation per batch), host arrays one by one (cheap).
+    ``(C,)`` moments of the batch is enough. All of a batch's moments are checked at once (one
+    synchronisation per batch on an accelerator); only a failure looks at them one by one.
     """
-    on_device = [t for _, m, q in seen for t in (m, q) if isinstance(t, torch.Tensor)]
-    if on_device and bool(torch.isfinite(torch.cat([t.flatten() for t in on_device])).all()):
-        seen = [e for e in seen if isinstance(e[1], np.ndarray)]
+    if not seen:
+        return
+    host = [t for _, m, q in seen for t in (m, q) if isinstance(t, np.ndarray)]
+    device = [t for _, m, q in seen for t in (m, q) if isinstance(t, torch.Tensor)]
+    if (not host or bool(np.isfinite(np.concatenate(host)).all())) and (
+        not device
+        or bool(torch.isfinite(torch.cat([t.flatten().to(device[0].device) for t in device])).all())
+    ):
+        return
     for site, mean, m2 in seen:
         if not (_finite(mean) and _finite(m2)):
             raise RecalibrationError(
