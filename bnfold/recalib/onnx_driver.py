@@ -3,7 +3,7 @@
 For each pass, a copy of the model gets one extra graph output per measured BN: an
 ``Identity`` of the BN's input ``X``. onnxruntime runs the copy over the data and the raw
 activations are reduced on the host by the same float64 code as the torch path
-(:func:`bnfold.recalib.stats.batch_moments`: per-batch mean, then the centred ``M2``, merged
+(:func:`bnfold.recalib.stats.batch_moments`: per-batch float64 mean and centred ``M2``, merged
 with Chan's formula). Exposing the raw input costs a copy of each BN input per batch, but it
 keeps the arithmetic out of the graph, where float32 ``ReduceSumSquare`` would lose precision
 and opset-dependent ``axes`` handling would differ between models; and it makes the ONNX and

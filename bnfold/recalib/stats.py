@@ -38,6 +38,7 @@ __all__ = [
     "make_accumulator",
     "Scratch",
     "batch_moments",
+    "moments",
     "torch_moments",
     "all_reduce_stats",
 ]
@@ -76,13 +77,13 @@ class Scratch:
 def batch_moments(
     x: torch.Tensor, channel_axis: int, scratch: Scratch | None = None
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Reduce one batch to per-channel ``(n, mean, M2)`` in float64.
+    """Reduce one batch to per-channel ``(n, mean, M2)`` in float64 tensors.
 
-    Two passes: the batch mean, then the sum of squared deviations from it, every element
-    widened to float64 before it is added (no ``E[x^2] - E[x]^2`` cancellation). CPU float
-    tensors go through the fused kernels of :mod:`bnfold.recalib.kernels` when numba is
-    installed; anything else (CUDA, no numba) through a float64 copy reduced by torch. Both
-    compute the same float64 quantities and differ only in summation order.
+    Every element is widened to float64 before it is added, and ``M2`` is centred (no
+    ``E[x^2] - E[x]^2`` cancellation left unchecked). CPU tensors go through the compiled
+    kernels of :mod:`bnfold.recalib.kernels` when numba is installed; anything else (CUDA, no
+    numba) through a float64 copy reduced by torch. Both compute the same float64 quantities
+    and differ only in summation order (about 1e-13 relative).
 
     Args:
         x: the activations, any float dtype and device.
@@ -92,35 +93,39 @@ def batch_moments(
     Returns:
         ``n`` (elements per channel) and float64 ``mean`` and ``M2`` of shape ``(C,)``.
     """
-    axis = channel_axis % x.dim()
-    host = host_moments(x, axis)
-    if host is not None:
-        return host[0], torch.from_numpy(host[1]), torch.from_numpy(host[2])
-    channels = x.shape[axis]
-    return (x.numel() // channels if channels else 0), *torch_moments(x, axis, scratch)
+    n, mean, m2 = moments(x, channel_axis, scratch)
+    return n, torch.as_tensor(mean), torch.as_tensor(m2)
 
 
-def host_moments(x: torch.Tensor, axis: int) -> tuple[int, np.ndarray, np.ndarray] | None:
-    """The compiled-kernel path of :func:`batch_moments`, with numpy results.
+def moments(
+    x: torch.Tensor, channel_axis: int, scratch: Scratch | None = None
+) -> tuple[int, Vector, Vector]:
+    """:func:`batch_moments` without the conversion: numpy arrays from the CPU kernels.
 
-    Returns ``(n, mean, M2)``, or None where the kernels cannot take ``x`` (not on the CPU,
-    numba missing, no elements), so the caller falls back to :func:`torch_moments`.
+    The per-BN-call path of recalibration uses this form, since its consumers (the lazy
+    merges, the batch-mode normalisation) work on numpy vectors anyway.
     """
-    if x.device.type != "cpu" or not kernels.available():
-        return None
+    axis = channel_axis % x.dim()
     channels = x.shape[axis]
     n = x.numel() // channels if channels else 0
-    if not n:
+    host = _kernel_moments(x, axis) if n and x.device.type == "cpu" else None
+    if host is not None:
+        return n, *host
+    return n, *torch_moments(x, axis, scratch)
+
+
+def _kernel_moments(x: torch.Tensor, axis: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The compiled kernels' ``(mean, M2)``, or None when they are unavailable."""
+    if not kernels.available():
         return None
     view = _outer_channel_inner(x, axis)
     try:
-        mean, m2 = kernels.moments(view, torch.get_num_threads())
+        return kernels.moments(view, torch.get_num_threads())
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:  # numba failed to compile for this machine: the torch path works
         kernels.disable(f"{type(e).__name__}: {e}")
         return None
-    return n, mean, m2
 
 
 def _outer_channel_inner(x: torch.Tensor, axis: int) -> np.ndarray:

@@ -59,9 +59,8 @@ from bnfold.recalib.stats import (
     Scratch,
     Vector,
     all_reduce_stats,
-    batch_moments,
-    host_moments,
     make_accumulator,
+    moments,
 )
 
 __all__ = ["recalibrate_torch"]
@@ -485,10 +484,7 @@ def _measuring_forward(site: _Site, state: _PassState, batch_stats: bool) -> Any
     eps = float(module.eps)
 
     def forward(x: torch.Tensor, *rest: Any) -> torch.Tensor:
-        host = host_moments(x, 1)
-        mean: Vector
-        m2: Vector
-        n, mean, m2 = host if host is not None else batch_moments(x, 1, state.scratch)
+        n, mean, m2 = moments(x, 1, state.scratch)
         acc.add_batch(n, mean, m2)
         if state.check_finite:
             state.seen.append((site, mean, m2))
