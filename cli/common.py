@@ -11,8 +11,9 @@ Exit codes (documented in the README):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
+import typer
 from rich.console import Console
 
 EXIT_OK = 0
@@ -25,6 +26,18 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 T = TypeVar("T")
+
+#: ``--allow-pickle``, the same opt-in wherever a command loads a torch model file.
+AllowPickle = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle",
+        help="Accept a pickled whole-module PyTorch file (torch.save(model)). Unpickling runs "
+        "arbitrary code from the file: use only for files you trust.",
+    ),
+]
+#: ``--quiet``/``-q`` for commands that show progress bars.
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
-from bnfold.cli.common import EXIT_FAILED, console, fail, guarded
+from bnfold.cli.common import EXIT_FAILED, AllowPickle, Quiet, console, fail, guarded
 
 if TYPE_CHECKING:
     from bnfold.api import DirectionArg
@@ -48,15 +48,8 @@ def export(
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the full report as JSON here.")
     ] = None,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--allow-pickle",
-            help="Allow loading a pickled whole-model file. Unpickling runs arbitrary code: "
-            "only for files you trust.",
-        ),
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    allow_pickle: AllowPickle = False,
+    quiet: Quiet = False,
 ) -> None:
     """Fold every exactly foldable BatchNorm of a PyTorch model and ship it as verified ONNX.
 

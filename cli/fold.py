@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bnfold.cli.common import console, guarded
+from bnfold.cli.common import AllowPickle, console, guarded
 
 _DIRECTIONS = ("backward", "forward", "both")
 
@@ -27,14 +27,7 @@ def fold(
         str,
         typer.Option("--direction", help="backward, forward or both (backward first)."),
     ] = "both",
-    allow_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--allow-pickle",
-            help="Accept a pickled whole-module PyTorch file (torch.save(model)). Unpickling "
-            "runs arbitrary code from the file: use only for files you trust.",
-        ),
-    ] = False,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Fold every exactly foldable BatchNorm and print one decision per BN.
 

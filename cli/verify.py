@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from bnfold.cli.common import EXIT_FAILED, EXIT_PROVIDER, console, fail, guarded
+from bnfold.cli.common import EXIT_FAILED, EXIT_PROVIDER, AllowPickle, Quiet, console, fail, guarded
 
 __all__ = ["verify", "parse_tolerances"]
 
@@ -124,15 +124,8 @@ def verify(
             "--batches", help="Batches to compare (default: 1 generated, or all of --data)."
         ),
     ] = None,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--allow-pickle",
-            help="Allow a pickled torch model file. Unpickling runs arbitrary code: only for "
-            "files you trust.",
-        ),
-    ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    allow_pickle: AllowPickle = False,
+    quiet: Quiet = False,
 ) -> None:
     """Check that CANDIDATE computes what ORIGINAL computes, output by output.
 
