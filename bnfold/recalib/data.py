@@ -214,21 +214,16 @@ class Replay:
         self._kept: list[Any] | None = []
         self._bytes = 0
         self._done = False
-        self.source_passes = 0
-
-    @property
-    def replaying(self) -> bool:
-        """Whether every batch is kept (later passes do not touch ``data``)."""
-        return self._kept is not None
+        self._source_passes = 0
 
     def _fresh(self) -> Iterator[Any]:
-        if self.source_passes and isinstance(self._data, Iterator):
+        if self._source_passes and isinstance(self._data, Iterator):
             raise BadInputError(
                 f"the data did not fit the replay cache ({self._budget / 2**20:.0f} MiB) and is "
                 "a one-shot iterator, but mode='population' needs one pass per BatchNorm depth "
                 "level; raise data_cache_mb, pass a re-iterable loader, or use mode='batch'"
             )
-        self.source_passes += 1
+        self._source_passes += 1
         return iter_budget(self._data, **self._limits)
 
     def __iter__(self) -> Iterator[Any]:
@@ -246,7 +241,6 @@ class Replay:
                 size = _nbytes(batch)
                 if size is None or self._bytes + size > self._budget:
                     self._kept = None
-                    self._bytes = 0
                 else:
                     self._kept.append(batch)
                     self._bytes += size

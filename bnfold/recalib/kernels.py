@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ROW_MIN", "available", "moments"]
+__all__ = ["ROW_MIN", "available", "disable", "moments"]
 
 #: Per-channel run length from which the row loop is used.
 ROW_MIN = 256
