@@ -440,7 +440,6 @@ class _PassState:
 
     scratch: Scratch
     check_finite: bool = True
-    order: list[_Site] = field(default_factory=list)
     calls: int = 0
     stop_at: int = 0
     #: this batch's moments per call, in call order, for the NaN/Inf check after the batch
@@ -489,8 +488,6 @@ def _measuring_forward(site: _Site, state: _PassState, batch_stats: bool) -> Any
         if state.check_finite:
             state.seen.append((site, mean, m2))
         site.samples += int(x.shape[0]) if x.dim() else 1
-        if site not in state.order:
-            state.order.append(site)
         state.calls += 1
         if state.calls == state.stop_at:
             raise _StopPass
