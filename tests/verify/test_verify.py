@@ -337,7 +337,7 @@ def test_bnfold_verify_is_callable_after_submodule_imports(chain, folded_chain):
 @pytest.mark.filterwarnings("ignore:Specified provider")
 def test_provider_that_fails_to_start_is_not_run(chain, folded_chain, monkeypatch):
     """A provider onnxruntime lists but cannot start reports not-run, not a crash or a pass."""
-    import bnfold.verification as verify_pkg
+    import bnfold.verification.check as verify_pkg
 
     folded, _ = folded_chain
     monkeypatch.setattr(
