@@ -2,7 +2,9 @@
 
 Formats, tried by what the file *is* rather than by its extension alone:
 
-- an ExportedProgram archive (``torch.export.save``; ``.pt2``) -> ``torch.export.load``;
+- an ExportedProgram archive (``torch.export.save``; ``.pt2``) -> ``torch.export.load``, once
+  :mod:`bnfold.torchfold.pt2_safety` has checked that loading it cannot run code from the
+  file (the archive holds pickles, and torch unpickles some of them without restriction);
 - a TorchScript archive (``torch.jit.save``) -> ``torch.jit.load``; bnfold can load it but
   cannot fold it (scripted code is not an fx graph), so the folder says so in one line;
 - a pickled whole ``nn.Module`` (``torch.save(model)``) -> only with ``allow_pickle=True``,
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfold.errors import BadInputError, UnsupportedModelError
+from bnfold.torchfold.pt2_safety import check_pt2_archive, restricted_unpickling
 
 __all__ = ["load_torch", "is_torchscript", "require_foldable"]
 
@@ -89,8 +92,10 @@ def load_torch(src: str, *, allow_pickle: bool = False) -> tuple[Any, tuple[Any,
         raise BadInputError(f"{src} is a folder; give a .pt2, TorchScript or .pt file")
     members = _zip_members(path)
     if any(m.endswith("serialized_exported_program.json") or "/models/" in m for m in members):
+        check_pt2_archive(path)
         try:
-            program = torch.export.load(str(path))
+            with restricted_unpickling():
+                program = torch.export.load(str(path))
         except Exception as e:  # torch raises many types for a damaged archive
             raise BadInputError(f"cannot read ExportedProgram {src}: {e}".splitlines()[0]) from e
         return program, _example_from_program(program)
