@@ -38,6 +38,7 @@ __all__ = [
     "Affine",
     "WeightLayout",
     "bn_affine",
+    "non_finite_channels",
     "compose",
     "fold_backward",
     "fold_forward",
@@ -116,8 +117,31 @@ def bn_affine(
     beta64 = np.zeros_like(mean64) if beta is None else np.asarray(beta, np.float64).reshape(-1)
     if gamma64.shape != mean64.shape or beta64.shape != mean64.shape:
         raise ValueError("gamma, beta, mean and var must have one value per channel")
-    scale = gamma64 / np.sqrt(var64 + np.float64(eps))
-    return Affine(scale=scale, shift=beta64 - mean64 * scale)
+    # var + eps == 0 gives inf (or 0/0 = NaN); non_finite_channels reports it to the guards.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        scale = gamma64 / np.sqrt(var64 + np.float64(eps))
+        return Affine(scale=scale, shift=beta64 - mean64 * scale)
+
+
+def non_finite_channels(
+    mean: np.ndarray,
+    var: np.ndarray,
+    eps: float,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
+) -> list[int]:
+    """Channels whose BN scale or shift is not finite (``var + eps == 0``, NaN/Inf statistics).
+
+    Such a BN is not an affine map a weight can absorb: a backward fold turns the producer's
+    weight into inf/NaN, a forward fold sums a non-finite shift into every output of the
+    consumer, so NaN would appear on elements the original keeps finite.
+    """
+    try:
+        affine = bn_affine(mean, var, eps, gamma, beta)
+    except ValueError:  # channel counts disagree: another guard reports it
+        return []
+    bad = ~(np.isfinite(affine.scale) & np.isfinite(affine.shift))
+    return [int(c) for c in np.flatnonzero(bad)]
 
 
 def compose(first: Affine, second: Affine) -> Affine:

@@ -35,6 +35,8 @@ class SiteFacts:
         padding: a sentence describing zero padding that makes a forward fold inexact.
         dtype: a sentence describing a dtype inconsistency, or None.
         unsupported: a sentence describing any other reason the pair cannot be folded.
+        non_finite: channels whose BN scale or shift is inf/NaN
+            (:func:`bnfold.foldmath.non_finite_channels`).
     """
 
     bn: str
@@ -52,6 +54,7 @@ class SiteFacts:
     padding: str | None = None
     dtype: str | None = None
     unsupported: str | None = None
+    non_finite: list[int] = field(default_factory=list)
 
 
 def check(f: SiteFacts) -> tuple[SkipCode, str] | None:
@@ -79,6 +82,15 @@ def check(f: SiteFacts) -> tuple[SkipCode, str] | None:
     if f.non_constant:
         return SkipCode.NOT_CONSTANT, (
             f"parameter(s) {', '.join(f.non_constant)} are not constants (graph input or computed)"
+        )
+    if f.non_finite:
+        shown = ", ".join(str(c) for c in f.non_finite[:8]) + (
+            ", ..." if len(f.non_finite) > 8 else ""
+        )
+        return SkipCode.NON_FINITE, (
+            f"BN's scale or shift is not finite on channel(s) {shown} (var + eps is 0, or a "
+            "statistic is NaN/Inf); folding would spread NaN to other outputs; recalibrate or "
+            "raise epsilon"
         )
     if f.shared:
         return SkipCode.SHARED_MODULE, f.shared

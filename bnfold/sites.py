@@ -33,6 +33,7 @@ class SkipCode(str, Enum):
     CHANNEL_AXIS = "channel-axis-mismatch"
     PADDING = "zero-padding"
     DTYPE = "dtype-mismatch"
+    NON_FINITE = "non-finite-affine"
     UNKNOWN_SHAPE = "unknown-shape"
     UNSUPPORTED = "unsupported"
     DIRECTION_DISABLED = "direction-disabled"

@@ -19,6 +19,7 @@ import onnx
 
 from bnfold.errors import BadInputError
 from bnfold.guards import check
+from bnfold.onnx_check import check_onnx_model
 from bnfold.onnx_io import check_output_path, load_onnx, load_onnx_info, save_onnx
 from bnfold.onnxfold.discover import Site, backward_site, forward_site
 from bnfold.onnxfold.graph import GraphIndex
@@ -50,7 +51,8 @@ def fold_onnx(
         ``(folded_model, report)``; the report has one decision per BN, in graph order.
 
     Raises:
-        BadInputError: an unknown direction, or a path that is not a readable ONNX model.
+        BadInputError: an unknown direction, a path that is not a readable ONNX model, or a
+            model that is not valid ONNX (:func:`bnfold.onnx_check.check_onnx_model`).
     """
     if direction not in _DIRECTIONS:
         raise BadInputError(f"direction must be backward, forward or both, not {direction!r}")
@@ -68,6 +70,7 @@ def fold_onnx(
         raise BadInputError(
             f"expected an onnx.ModelProto or an .onnx path, got {type(model).__name__}"
         )
+    check_onnx_model(proto, label)
     report = FoldReport(model=label, framework="onnx")
     report.decisions = _fold_graph(proto, direction)
     return proto, report

@@ -20,8 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from bnfold import foldmath
 from bnfold.guards import SiteFacts
-from bnfold.onnxfold.graph import GraphIndex, attr_int, attr_ints, attr_str, static_dims
+from bnfold.onnxfold.graph import (
+    GraphIndex,
+    attr_float,
+    attr_int,
+    attr_ints,
+    attr_str,
+    static_dims,
+)
 from bnfold.sites import Direction
 
 __all__ = ["Site", "backward_site", "forward_site", "bn_training", "FLOAT_TYPES"]
@@ -191,6 +199,7 @@ def backward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
 
     params = _partner_params(producer, add)
     facts.non_constant = _non_constant(g, [*params, *bn.input[1:5]])
+    facts.non_finite = _non_finite(g, bn) if not facts.non_constant else []
     if producer.op_type == "MatMul" and (problem := _matmul_weight_problem(g, producer)):
         facts.unsupported = problem
         return site
@@ -306,6 +315,7 @@ def forward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
         return site
     params = _partner_params(consumer, None)
     facts.non_constant = _non_constant(g, [*params, *bn.input[1:5]])
+    facts.non_finite = _non_finite(g, bn) if not facts.non_constant else []
     if consumer.op_type == "MatMul" and (problem := _matmul_weight_problem(g, consumer)):
         facts.unsupported = problem
         return site
@@ -392,3 +402,11 @@ def _forward_channel_problem(
     if n != c:
         return f"BN gives {c} input features but {_name(consumer)} reads {n}"
     return _bias_problem(g, consumer, [consumer.input[1], *consumer.input[2:3]], weight[0])
+
+
+def _non_finite(g: GraphIndex, bn: onnx.NodeProto) -> list[int]:
+    """Channels whose scale or shift is inf/NaN (see :func:`foldmath.non_finite_channels`)."""
+    gamma, beta, mean, var = (g.constant(name) for name in bn.input[1:5])
+    if mean is None or var is None:
+        return []
+    return foldmath.non_finite_channels(mean, var, attr_float(bn, "epsilon", 1e-5), gamma, beta)

@@ -131,6 +131,35 @@ def subgraph_names(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def skeleton_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for checking and shape inference, without its large tensors.
+
+    Initializers over ``_SMALL`` elements (or in external data) become graph inputs of the
+    same type and shape, so ONNX's checker and shape inference see every type and shape but
+    do not serialise hundreds of megabytes (which costs more than loading the file).
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph, g = model.graph, skeleton.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    g.sparse_initializer.extend(graph.sparse_initializer)
+    inputs = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if t.name in inputs:  # an overridable default: the graph input declares it
+            continue
+        if int(np.prod(t.dims, dtype=np.int64)) <= _SMALL and t.data_location == 0:
+            g.initializer.append(t)
+        else:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return skeleton
+
+
 class GraphIndex:
     """Producers, consumers, parameters and shapes of one graph, kept current under edits.
 
@@ -288,22 +317,7 @@ class GraphIndex:
 
     def _infer_shapes(self) -> dict[str, ValueInfo]:
         """Types and shapes of every value, inferred on a skeleton without large tensors."""
-        skeleton = onnx.ModelProto()
-        skeleton.ir_version = self.model.ir_version
-        skeleton.opset_import.extend(self.model.opset_import)
-        skeleton.functions.extend(self.model.functions)
-        g = skeleton.graph
-        g.node.extend(self.graph.node)
-        g.input.extend(self.graph.input)
-        g.output.extend(self.graph.output)
-        g.value_info.extend(self.graph.value_info)
-        for t in self.graph.initializer:
-            if t.name in self.graph_inputs:
-                continue
-            if int(np.prod(t.dims, dtype=np.int64)) <= _SMALL and t.data_location == 0:
-                g.initializer.append(t)
-            else:
-                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        skeleton = skeleton_of(self.model)
         try:
             inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
         except Exception:  # inference is best effort: unknown shapes become skip reasons

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import fx, nn
 
+from bnfold import foldmath
 from bnfold.guards import SiteFacts
 from bnfold.sites import Direction
 from bnfold.torchfold.ops import BatchNorm, Layer, ParamRef, as_layer, flatten_repeat, shape_of
@@ -129,6 +131,19 @@ def _bn_channels(bn: BatchNorm, gm: fx.GraphModule) -> int | None:
     return None
 
 
+def _non_finite(bn: BatchNorm, gm: fx.GraphModule) -> list[int]:
+    """Channels whose scale or shift is inf/NaN (see :func:`foldmath.non_finite_channels`)."""
+
+    def f64(ref: ParamRef | None) -> np.ndarray | None:
+        t = ref.get(gm) if ref is not None else None
+        return None if t is None else t.detach().to("cpu", torch.float64).numpy()
+
+    mean, var = f64(bn.mean), f64(bn.var)
+    if mean is None or var is None:
+        return []
+    return foldmath.non_finite_channels(mean, var, bn.eps, f64(bn.gamma), f64(bn.beta))
+
+
 def _base_facts(bn: BatchNorm, direction: Direction) -> SiteFacts:
     return SiteFacts(
         bn=bn.name,
@@ -191,6 +206,7 @@ def backward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) 
         u.name for u in users if u is not bn.node and u.op != "output" and reads_values(u)
     ]
     facts.non_constant = layer.non_constant + bn.non_constant
+    facts.non_finite = _non_finite(bn, gm)
     facts.shared = _shared([layer.weight, layer.bias, bn.mean, bn.var, bn.gamma, bn.beta], gm, uses)
     shape = shape_of(producer)
     facts.partner_axis = _axes(bn, layer, shape, gm)
@@ -259,6 +275,7 @@ def forward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -
     )
     facts.extra_users = extra
     facts.non_constant = layer.non_constant + bn.non_constant
+    facts.non_finite = _non_finite(bn, gm)
     facts.shared = _shared([layer.weight, layer.bias, bn.mean, bn.var, bn.gamma, bn.beta], gm, uses)
     facts.bn_axis = 1
     if between is not bn.out:
