@@ -110,14 +110,14 @@ def _edited(edit: Callable[[onnx.ModelProto], None]) -> onnx.ModelProto:
 def test_the_base_model_is_valid_and_folds() -> None:
     m = conv_bn()
     onnx.checker.check_model(m, full_check=True)
-    folded, report = bnfold.fold(m)
+    _, report = bnfold.fold(m)
     assert report.decisions[0].folded
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_invalid_model_is_refused_by_the_api(kind: str) -> None:
     build, reason = CASES[kind]
-    with pytest.raises(BadInputError, match="not .*ONNX model") as caught:
+    with pytest.raises(BadInputError, match=r"not .*ONNX model") as caught:
         bnfold.fold(build())
     message = str(caught.value)
     assert reason in message and "\n" not in message
