@@ -1,20 +1,32 @@
-"""Write files so that a failed run leaves nothing behind.
+"""Write files so that a failed run leaves nothing behind, and a command's outputs go together.
 
-Outputs go to a temporary sibling first and are renamed into place only once complete; a crash
-or an error midway leaves the destination as it was.
+Every output is written to a temporary sibling first and renamed into place only once complete,
+so a crash, a full disk or a signal midway leaves the destination as it was and no temporary
+file. A command that writes several files (a model and its JSON report, a model and its
+external data) wraps its work in :func:`output_set`: inside it, :func:`atomic_path` only
+stages each file, and the renames happen together once the whole command has succeeded; if
+anything fails, nothing is renamed. Replacing an existing file keeps that file's permission
+bits (a 0600 model stays 0600).
+
+Write errors (``ENOSPC``, ``EFBIG``, ``EDQUOT``, torch's "file write failed") become a
+one-line :class:`~bnfold.errors.BadInputError` naming the destination.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bnfold.errors import BadInputError
 
-__all__ = ["atomic_path", "write_text", "check_writable"]
+__all__ = ["atomic_path", "output_set", "write_text", "check_writable", "write_failure"]
 
 
 def check_writable(path: Path, *, inputs: tuple[Path, ...] = ()) -> Path:
@@ -36,31 +48,147 @@ def check_writable(path: Path, *, inputs: tuple[Path, ...] = ()) -> Path:
     return path
 
 
+@dataclass
+class _Staged:
+    tmp: Path
+    dest: Path
+
+
+@dataclass
+class OutputSet:
+    """The files one command has written to temporary paths, renamed together on success."""
+
+    staged: list[_Staged] = field(default_factory=list)
+
+    def stage(self, dest: Path, suffix: str) -> Path:
+        """A new temporary file next to ``dest``, to be renamed onto it at commit."""
+        dest = Path(dest)
+        for s in self.staged:
+            if _same_path(s.dest, dest):
+                raise BadInputError(
+                    f"{dest} is given for two outputs of this command; choose distinct paths"
+                )
+        tmp = _temp_sibling(dest, suffix)
+        self.staged.append(_Staged(tmp, dest))
+        return tmp
+
+    def drop(self, tmp: Path) -> None:
+        """Give up one staged file (delete it; its destination stays as it was)."""
+        self.staged = [s for s in self.staged if s.tmp != tmp]
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+    def commit(self) -> None:
+        for s in self.staged:
+            _keep_mode(s.tmp, s.dest)
+        for s in self.staged:
+            os.replace(s.tmp, s.dest)
+        self.staged.clear()
+
+    def discard(self) -> None:
+        for s in self.staged:
+            with contextlib.suppress(FileNotFoundError):
+                s.tmp.unlink()
+        self.staged.clear()
+
+
+_ACTIVE: contextvars.ContextVar[OutputSet | None] = contextvars.ContextVar(
+    "bnfold_output_set", default=None
+)
+
+
+@contextlib.contextmanager
+def output_set() -> Iterator[OutputSet]:
+    """Group every :func:`atomic_path` inside the block: all renamed at the end, or none.
+
+    Nested use joins the outer set, so an API function that writes atomically on its own
+    becomes part of the command that calls it.
+    """
+    outer = _ACTIVE.get()
+    if outer is not None:
+        yield outer
+        return
+    outputs = OutputSet()
+    token = _ACTIVE.set(outputs)
+    try:
+        yield outputs
+        outputs.commit()
+    finally:
+        _ACTIVE.reset(token)
+        outputs.discard()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+    """Yield a temporary path next to ``path``; it replaces ``path`` once all went well.
 
-    The temporary file sits in the same folder so the rename is atomic on POSIX.
+    Outside :func:`output_set` the rename happens when the block ends; inside one, when the
+    set commits. The temporary file sits in the same folder, so the rename is atomic on POSIX.
     """
     dest = Path(path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{dest.name}.", suffix=suffix or dest.suffix or ".tmp", dir=dest.parent or "."
-    )
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp creates 0600; give the file the permissions a plain open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+    with output_set() as outputs:
+        tmp = outputs.stage(dest, suffix or dest.suffix or ".tmp")
+        try:
+            yield tmp
+        except (OSError, RuntimeError) as e:
+            failure = write_failure(e, dest)
+            if failure is None:
+                raise
+            raise failure from None
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+#: errno values that mean "the disk or a limit refused the bytes", not a bug.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES}
+
+
+def write_failure(error: BaseException, dest: Path) -> BadInputError | None:
+    """The one-line error for a failed write of ``dest``, or None when it is not one.
+
+    torch's archive writer reports a full disk as ``RuntimeError: ... file write failed``.
+    """
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+        return BadInputError(
+            f"cannot write {dest}: {error.strerror or error}; nothing was written (free space "
+            "or raise the file size limit)"
+        )
+    text = str(error)
+    if isinstance(error, RuntimeError) and ("write failed" in text or "writing file" in text):
+        return BadInputError(
+            f"cannot write {dest}: {text.strip().splitlines()[0][:160]}; nothing was written"
+        )
+    return None
+
+
+def _temp_sibling(dest: Path, suffix: str) -> Path:
+    folder = dest.parent if str(dest.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=folder)
+    except OSError as e:
+        raise write_failure(e, dest) or BadInputError(f"cannot write {dest}: {e}") from None
+    os.close(fd)
+    # mkstemp creates 0600; give the file the permissions a plain open() would have.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return Path(tmp)
+
+
+def _keep_mode(tmp: Path, dest: Path) -> None:
+    """A file that replaces an existing one keeps its permission bits."""
+    try:
+        mode = stat.S_IMODE(dest.stat().st_mode)
+    except FileNotFoundError:
+        return
+    os.chmod(tmp, mode)
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b) or (
+        a.exists() and b.exists() and os.path.samefile(a, b)
+    )

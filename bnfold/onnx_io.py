@@ -13,16 +13,14 @@ data, so a fold can keep the layout of its input.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 
-from bnfold.atomic import check_writable
+from bnfold.atomic import atomic_path, check_writable, output_set
 from bnfold.errors import BadInputError
 
 __all__ = [
@@ -151,23 +149,15 @@ def save_onnx(
             f"the model is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit; "
             "save it with external data"
         )
-    folder = out.parent if str(out.parent) else Path(".")
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=folder))
-    try:
-        tmp_model = tmpdir / out.name
+    # Model and data file are staged together: both replace their destinations, or neither.
+    with output_set() as outputs, atomic_path(out) as tmp_model:
         if external_data:
             data_name = out.name + ".data"
-            if _write_with_external_data(model, tmp_model, tmpdir / data_name, data_name):
-                os.replace(tmpdir / data_name, folder / data_name)
+            tmp_data = outputs.stage(out.with_name(data_name), ".data")
+            if not _write_with_external_data(model, tmp_model, tmp_data, data_name):
+                outputs.drop(tmp_data)  # nothing large enough: no data file is needed
         else:
-            tmp_model.write_bytes(model.SerializeToString())
-        os.replace(tmp_model, out)
-    finally:
-        for leftover in tmpdir.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
-        with contextlib.suppress(OSError):
-            tmpdir.rmdir()
+            write_bytes(tmp_model, model.SerializeToString())
     return out
 
 
@@ -207,8 +197,8 @@ def _write_with_external_data(
                     entry.key = key
                     entry.value = value
                 offset += len(raw)
-        model_path.write_bytes(model.SerializeToString())
-        return bool(moved)  # nothing large enough: no data file is needed
+        write_bytes(model_path, model.SerializeToString())
+        return bool(moved)
     finally:
         for tensor, raw, had_location in moved:
             del tensor.external_data[:]
@@ -217,6 +207,14 @@ def _write_with_external_data(
             else:
                 tensor.ClearField("data_location")
             tensor.raw_data = raw
+
+
+def write_bytes(path: Path, data: bytes, chunk: int = 1 << 24) -> None:
+    """Write ``data`` in 16 MiB pieces, so a signal is handled between two of them."""
+    view = memoryview(data)
+    with open(path, "wb") as f:
+        for start in range(0, len(view), chunk):
+            f.write(view[start : start + chunk])
 
 
 def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:

@@ -27,6 +27,9 @@ app.command("verify")(verify_cmd.verify)
 
 
 def main() -> None:
+    from bnfold.cli.common import install_signal_handlers
+
+    install_signal_handlers()
     app()
 
 

@@ -46,8 +46,33 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     raise SystemExit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) arrived: unwind like Ctrl-C so that temporary files are removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM/SIGHUP into :class:`Terminated`, raised in the main thread.
+
+    Python's default for SIGTERM ends the process at once, skipping ``finally`` blocks, which
+    would leave a half-written temporary output behind.
+    """
+    import signal
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, terminate)
+
+
 def guarded(fn: Callable[[], T]) -> T:
-    """Run ``fn``; turn bnfold's errors (and a few OS ones) into one line and an exit code."""
+    """Run ``fn`` with all its outputs in one set (written together, or none); turn bnfold's
+    errors, write failures and signals into one line and an exit code."""
+    from bnfold.atomic import output_set
     from bnfold.errors import (
         BadInputError,
         BnfoldError,
@@ -57,7 +82,8 @@ def guarded(fn: Callable[[], T]) -> T:
     )
 
     try:
-        return fn()
+        with output_set():
+            return fn()
     except ProviderUnavailableError as e:
         fail(str(e), EXIT_PROVIDER)
     except VerificationError as e:
@@ -66,8 +92,11 @@ def guarded(fn: Callable[[], T]) -> T:
         fail(str(e), EXIT_UNSUPPORTED)
     except (BadInputError, BnfoldError) as e:
         fail(str(e), EXIT_BAD_INPUT)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        fail(f"{e.strerror}: {e.filename}", EXIT_BAD_INPUT)
+    except OSError as e:  # a read or write the API did not anticipate
+        where = f": {e.filename}" if e.filename else ""
+        fail(f"{e.strerror or e}{where}; nothing was written", EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         fail("interrupted; no output was written", 130)
+    except Terminated as e:
+        fail(f"terminated by signal {e.signum}; no output was written", 128 + e.signum)
     raise AssertionError("unreachable")  # pragma: no cover

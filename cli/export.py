@@ -58,11 +58,16 @@ def export(
     (nothing written), 2 bad input, 3 a requested provider could not run, 4 model not exportable.
     """
 
-    def run() -> None:
+    def run() -> str | None:
         from bnfold.cli.render import render_fold_report
         from bnfold.pipeline import export as run_export
         from bnfold.pipeline import write_report
 
+        if json_path is not None:
+            from bnfold.atomic import check_writable
+
+            sources = (Path(model),) if model and Path(model).exists() else ()
+            check_writable(json_path, inputs=sources + ((output,) if output else ()))
         recal_data = None
         if data is not None:
             from bnfold.data import load_data_spec
@@ -95,9 +100,14 @@ def export(
         if json_path is not None:
             write_report(result, json_path)
         if not result.passed:
-            fail("verification failed: the folded model was not written", EXIT_FAILED)
+            return "verification failed: the folded model was not written"
         console.print(
             f"wrote [bold]{result.output}[/] ({result.batchnorms_left} BatchNormalization left)"
         )
+        return None
 
-    guarded(run)
+    # A failed verification is a result: its JSON report is written (it says why), the model
+    # is not. Errors (bad input, a full disk) write nothing at all.
+    failure = guarded(run)
+    if failure is not None:
+        fail(failure, EXIT_FAILED)

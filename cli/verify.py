@@ -139,7 +139,7 @@ def verify(
     not run here (the message lists the providers that exist).
     """
 
-    def run() -> None:
+    def run() -> tuple[str, int] | None:
         from bnfold.atomic import check_writable, write_text
         from bnfold.cli.render_verify import render_verify_report
         from bnfold.verification import verify as run_verify
@@ -164,13 +164,17 @@ def verify(
             write_text(json_path, report.to_json() + "\n")
             console.print(f"wrote {json_path}")
         if report.verdict == "fail":
-            fail("the candidate differs from the original beyond tolerance", EXIT_FAILED)
+            return "the candidate differs from the original beyond tolerance", EXIT_FAILED
         if report.verdict == "not-run":
             names = ", ".join(p.provider for p in report.not_run)
-            fail(
+            return (
                 f"requested provider(s) {names} could not run here; available providers: "
                 + ", ".join(report.available_providers),
                 EXIT_PROVIDER,
             )
+        return None
 
-    guarded(run)
+    # The verdict is reported after the JSON is in place: a failing check is a result.
+    outcome = guarded(run)
+    if outcome is not None:
+        fail(*outcome)

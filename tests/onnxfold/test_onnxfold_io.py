@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import onnx
 import pytest
 from onnxfold_util import bn_inputs, bn_params, model
 
+import bnfold.onnx_io
 from bnfold.errors import BadInputError
 from bnfold.onnx_io import check_output_path, load_onnx, load_onnx_info, save_onnx
 from bnfold.onnxfold import fold_file, fold_onnx
@@ -94,11 +96,12 @@ def test_failed_save_leaves_nothing(small, tmp_path, monkeypatch):
     m = onnx.load(str(small))
     dst = tmp_path / "out.onnx"
 
-    def boom(self, *args, **kwargs):
-        raise OSError("disk full")
+    def full_disk(path, data, chunk=0):
+        Path(path).write_bytes(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(Path, "write_bytes", boom)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(bnfold.onnx_io, "write_bytes", full_disk)
+    with pytest.raises(BadInputError, match=r"cannot write .*out.onnx: No space left"):
         save_onnx(m, dst)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.onnx"]
