@@ -150,18 +150,18 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EROFS
 def write_failure(error: BaseException, dest: Path) -> BadInputError | None:
     """The one-line error for a failed write of ``dest``, or None when it is not one.
 
-    torch's archive writer reports a full disk as ``RuntimeError: ... file write failed``.
+    torch's archive writer reports a full disk or a size limit as a ``RuntimeError``
+    ("file write failed", "iostream error", "unexpected pos ..."); inside an atomic write
+    block nothing but writing happens, so any RuntimeError there is a failed write.
     """
     if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
         return BadInputError(
             f"cannot write {dest}: {error.strerror or error}; nothing was written (free space "
             "or raise the file size limit)"
         )
-    text = str(error)
-    if isinstance(error, RuntimeError) and ("write failed" in text or "writing file" in text):
-        return BadInputError(
-            f"cannot write {dest}: {text.strip().splitlines()[0][:160]}; nothing was written"
-        )
+    if isinstance(error, RuntimeError):
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        return BadInputError(f"cannot write {dest}: {lines[0][:160]}; nothing was written")
     return None
 
 

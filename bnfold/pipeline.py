@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -175,6 +176,8 @@ def export(
     from bnfold.onnxfold import fold_onnx
     from bnfold.torchfold import fold_torch
 
+    if verify:
+        _require_providers(providers)
     loaded, inputs, name = _load(model, example_inputs, allow_pickle)
     if inputs is None:
         raise BadInputError("example_inputs are required to export an in-memory model")
@@ -233,6 +236,20 @@ def export(
     save_onnx(onnx_model, out)
     result.output = out
     return result
+
+
+def _require_providers(providers: Sequence[str]) -> None:
+    """Refuse, before any work, a provider this onnxruntime does not have (exit 3)."""
+    from bnfold.errors import ProviderUnavailableError
+    from bnfold.verification.runners import available_providers, ort_provider_name
+
+    available = available_providers()
+    missing = [p for p in providers if ort_provider_name(p) not in available]
+    if missing:
+        raise ProviderUnavailableError(
+            f"requested provider(s) {', '.join(missing)} cannot run here; available providers: "
+            f"{', '.join(available)} (CUDA needs the cuda extra: onnxruntime-gpu)"
+        )
 
 
 def write_report(result: ExportResult, path: str | os.PathLike[str]) -> None:

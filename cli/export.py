@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
-from bnfold.cli.common import EXIT_FAILED, AllowPickle, Quiet, console, fail, guarded
+from bnfold.cli.common import EXIT_FAILED, EXIT_PROVIDER, AllowPickle, Quiet, console, fail, guarded
 
 if TYPE_CHECKING:
     from bnfold.api import DirectionArg
@@ -58,7 +58,7 @@ def export(
     (nothing written), 2 bad input, 3 a requested provider could not run, 4 model not exportable.
     """
 
-    def run() -> str | None:
+    def run() -> tuple[str, int] | None:
         from bnfold.cli.render import render_fold_report
         from bnfold.pipeline import export as run_export
         from bnfold.pipeline import write_report
@@ -99,8 +99,16 @@ def export(
             render_verify_report(result.verify_report)
         if json_path is not None:
             write_report(result, json_path)
+        report = result.verify_report
+        if report is not None and report.verdict == "not-run":
+            names = ", ".join(p.provider for p in report.not_run)
+            return (
+                f"provider(s) {names} could not run here; available providers: "
+                f"{', '.join(report.available_providers)}; the model was not written",
+                EXIT_PROVIDER,
+            )
         if not result.passed:
-            return "verification failed: the folded model was not written"
+            return "verification failed: the folded model was not written", EXIT_FAILED
         console.print(
             f"wrote [bold]{result.output}[/] ({result.batchnorms_left} BatchNormalization left)"
         )
@@ -110,4 +118,4 @@ def export(
     # is not. Errors (bad input, a full disk) write nothing at all.
     failure = guarded(run)
     if failure is not None:
-        fail(failure, EXIT_FAILED)
+        fail(*failure)

@@ -44,7 +44,7 @@ bit-identical initializers.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,13 +180,44 @@ def _feeds(batch: Any, inputs: list[Any]) -> dict[str, np.ndarray]:
             raise BadInputError(
                 f"batch keys {sorted(unknown)} are not model inputs; inputs are: {', '.join(types)}"
             )
-        return {k: _to_numpy(v, types[k]) for k, v in batch.items()}
+        feeds = {k: _to_numpy(v, types[k]) for k, v in batch.items()}
+        missing = [i.name for i in inputs if i.name not in feeds]
+        if missing:
+            raise BadInputError(
+                f"batches lack the model input(s) {', '.join(missing)}; dict batches must map "
+                f"every input name ({', '.join(types)}) to an array"
+            )
+        for i in inputs:
+            check_feed_shape(i.name, i.shape, feeds[i.name].shape)
+        return feeds
     if len(inputs) != 1:
         raise BadInputError(
             f"the model has {len(inputs)} inputs ({', '.join(types)}); yield dict batches "
             "mapping input names to arrays"
         )
-    return {inputs[0].name: _to_numpy(first_input(batch), types[inputs[0].name])}
+    feed = _to_numpy(first_input(batch), types[inputs[0].name])
+    check_feed_shape(inputs[0].name, inputs[0].shape, feed.shape)
+    return {inputs[0].name: feed}
+
+
+def check_feed_shape(name: str, expected: Sequence[Any], given: Sequence[int]) -> None:
+    """One line naming both shapes when a batch cannot feed input ``name``.
+
+    ``expected`` is onnxruntime's shape: ints for fixed dims, strings/None for symbolic ones.
+    """
+    fixed = [d if isinstance(d, int) and d > 0 else None for d in expected]
+    if len(fixed) == len(given) and all(
+        f is None or f == g for f, g in zip(fixed, given, strict=True)
+    ):
+        return
+    spelled = "x".join("?" if d is None else str(d) for d in fixed) or "a scalar"
+    hint = ""
+    if len(fixed) == len(given) and fixed and fixed[0] is not None and fixed[0] != given[0]:
+        hint = f"; the model has a fixed batch size of {fixed[0]}: use --batch-size {fixed[0]}"
+    raise BadInputError(
+        f"a batch of shape {'x'.join(map(str, given)) or 'a scalar'} cannot feed input {name!r}, "
+        f"which expects {spelled}{hint}"
+    )
 
 
 def _session(serialised: bytes, providers: list[str] | None) -> Any:

@@ -99,6 +99,8 @@ def verify(
     Raises:
         BadInputError: unreadable model or data, incompatible outputs, bad shapes or options.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise BadInputError(f"seed must be an integer >= 0, not {seed!r}")
     provider_list = _provider_list(providers)
     shape_map = _shape_map(shapes)
     report_obj = load_fold_report(fold_report) if fold_report is not None else None
@@ -115,6 +117,8 @@ def verify(
     runners, results = _candidate_runners(candidate, cand_src, provider_list, available)
     cand_ort = next((r for r in runners.values() if isinstance(r, OrtRunner)), None)
 
+    if ref_ort is not None and cand_ort is not None:
+        _same_names(ref_ort, cand_ort)
     specs = _specs(ref_ort, cand_ort, cand_src)
     any_ort = ref_ort or cand_ort
     onnx_names = any_ort.output_names if any_ort else None
@@ -146,6 +150,14 @@ def verify(
             count += 1
             bar.update(task, advance=1)
 
+    compared = {name for by_output in accs.values() for name in by_output}
+    for what, arg in (("--rtol/rtol", rtol), ("--atol/atol", atol)):
+        unknown = sorted(set(arg) - compared - {"*"}) if isinstance(arg, Mapping) else []
+        if unknown and compared:
+            raise BadInputError(
+                f"{what} names output(s) {', '.join(unknown)} that the model does not have; its "
+                f"outputs are: {', '.join(sorted(compared))}"
+            )
     for p, runner in runners.items():
         stats = [a.result() for a in accs[p].values()]
         results[p] = ProviderResult(
@@ -182,6 +194,21 @@ def verify(
                 )
             report.notes.extend(notes)
     return report
+
+
+def _same_names(reference: OrtRunner, candidate: OrtRunner) -> None:
+    """Two ONNX models are compared name by name: inputs and outputs must be the same sets."""
+    for what, ref, cand in (
+        ("inputs", [i.name for i in reference.session.get_inputs()],
+         [i.name for i in candidate.session.get_inputs()]),
+        ("outputs", reference.output_names, candidate.output_names),
+    ):  # fmt: skip
+        if set(ref) != set(cand):
+            raise BadInputError(
+                f"the candidate's {what} ({', '.join(cand) or 'none'}) differ from the "
+                f"original's ({', '.join(ref) or 'none'}); the models must have the same "
+                f"{what} to be compared"
+            )
 
 
 def _provider_list(providers: Sequence[str] | str) -> list[str]:

@@ -22,6 +22,7 @@ pairs from a classification loader work as they are).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -214,10 +215,43 @@ def generate_batches(
     if num_batches < 1:
         raise BadInputError(f"number of batches must be at least 1, not {num_batches}")
     concrete = [(s, resolve_shape(s, shapes.get(s.name))) for s in specs]
+    _check_memory(concrete, num_batches)
     rng = np.random.default_rng(seed)
     return [
         {s.name: _random(rng, s.dtype, shape) for s, shape in concrete} for _ in range(num_batches)
     ]
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to this process (MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(concrete: Sequence[tuple[InputSpec, tuple[int, ...]]], num_batches: int) -> None:
+    """Refuse inputs that cannot fit before drawing them, with the figure.
+
+    Generated batches are all held at once, and each run also holds the model's activations
+    and outputs for a batch, so the inputs may take at most a quarter of available memory.
+    """
+    one = sum(math.prod(shape) * np.dtype(s.dtype).itemsize for s, shape in concrete)
+    need = one * num_batches
+    available = _available_memory()
+    if available is not None and need > available // 4:
+        raise BadInputError(
+            f"the generated inputs would take {need / 2**30:.1f} GiB ({num_batches} batch(es) of "
+            f"{one / 2**30:.2f} GiB), more than a quarter of the {available / 2**30:.1f} GiB "
+            "available; give smaller --shape sizes or fewer --batches"
+        )
 
 
 def _conform(spec: InputSpec, arr: np.ndarray, where: str) -> np.ndarray:

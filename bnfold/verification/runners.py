@@ -135,6 +135,7 @@ class OrtRunner:
 
         self.provider = provider
         self.optimized = optimized
+        self.label = source.label
         opts = ort.SessionOptions()
         opts.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -166,6 +167,13 @@ class OrtRunner:
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
         """Run one batch; returns output name -> array, in the model's output order."""
+        missing = [s.name for s in self.session.get_inputs() if s.name not in batch]
+        if missing:
+            raise BadInputError(
+                f"{self.label} has input(s) {', '.join(missing)} that the batches do not hold "
+                f"(they hold {', '.join(batch) or 'nothing'}); original and candidate must "
+                "have the same input names"
+            )
         feed = {s.name: batch[s.name] for s in self.session.get_inputs()}
         try:
             values = self.session.run(None, feed)

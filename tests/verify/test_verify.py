@@ -185,7 +185,9 @@ def test_tolerance_overrides_globally_and_per_output(chain, folded_chain):
     assert not verify(chain, broken).passed
     assert verify(chain, broken, rtol=0.05, atol=1e-2).passed
     assert verify(chain, broken, rtol={"Y": 0.05}, atol={"Y": 1e-2}).passed
-    assert not verify(chain, broken, rtol={"other": 0.05}, atol={"other": 1e-2}).passed
+    # A tolerance for an output the model does not have is a typo, not a silent no-op.
+    with pytest.raises(BadInputError, match=r"names output.* other .*outputs are: Y"):
+        verify(chain, broken, rtol={"other": 0.05}, atol={"other": 1e-2})
     # Tight enough that even the correct fold's rounding fails.
     assert not verify(chain, folded, rtol=0.0, atol=0.0).passed
 
