@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from bnfold.data import as_tensor, load_data_spec, normalise_batch
-from bnfold.errors import BadInputError
+from bnfold.errors import BadInputError, BnfoldError
 
 __all__ = [
     "ForwardFn",
@@ -140,12 +140,38 @@ def iter_budget(
 
 
 def call_model(model: Any, batch: Any, forward_fn: ForwardFn | None = None) -> Any:
-    """Call ``model`` on ``batch`` following the rules in the module docstring."""
-    if forward_fn is not None:
-        return forward_fn(model, batch)
+    """Call ``model`` on ``batch`` following the rules in the module docstring.
+
+    A model that cannot run on the batch (wrong sample shape or rank, a string, dict keys it
+    does not take) is bad data, said in one line with the batch's shape; bnfold's own errors
+    and the drivers' control flow pass through unchanged.
+    """
+    try:
+        if forward_fn is not None:
+            return forward_fn(model, batch)
+        if isinstance(batch, Mapping):
+            return model(**batch)
+        return model(first_input(batch))
+    except BnfoldError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise BadInputError(
+            f"the model cannot run on a batch of {describe_batch(batch)} "
+            f"({type(e).__name__}: {lines[0][:200]}); check that the data matches the model's "
+            "input"
+        ) from None
+
+
+def describe_batch(batch: Any) -> str:
+    """``shape 4x3x32x32 float32``, ``{x: shape 2x3}`` or the type name, for messages."""
+    if isinstance(batch, torch.Tensor | np.ndarray):
+        return f"shape {'x'.join(map(str, batch.shape)) or 'scalar'} {str(batch.dtype).replace('torch.', '')}"
     if isinstance(batch, Mapping):
-        return model(**batch)
-    return model(first_input(batch))
+        return "{" + ", ".join(f"{k}: {describe_batch(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, tuple | list) and batch:
+        return describe_batch(batch[0])
+    return f"type {type(batch).__name__}"
 
 
 def _nbytes(batch: Any) -> int | None:

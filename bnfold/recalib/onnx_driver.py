@@ -54,7 +54,7 @@ import torch
 from onnx import numpy_helper
 
 from bnfold.errors import BadInputError, RecalibrationError
-from bnfold.recalib.data import batch_size, first_input, iter_budget
+from bnfold.recalib.data import batch_size, describe_batch, first_input, iter_budget
 from bnfold.recalib.options import Options
 from bnfold.recalib.report import BNStats, RecalibrationReport
 from bnfold.recalib.stats import ChannelStats, Scratch, all_reduce_stats, make_accumulator
@@ -168,6 +168,10 @@ def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
+    if arr.dtype.kind not in "biuf":
+        raise BadInputError(
+            f"a batch of {describe_batch(x)} cannot feed the model; batches must be numeric arrays"
+        )
     return arr.astype(dtype, copy=False) if dtype is not None else arr
 
 

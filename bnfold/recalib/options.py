@@ -42,8 +42,10 @@ class Options:
             raise BadInputError(
                 f"unknown estimator {self.estimator!r}; choose one of: {', '.join(ESTIMATORS)}"
             )
-        if self.data_cache_mb < 0:
-            raise BadInputError(f"data_cache_mb must be >= 0, got {self.data_cache_mb}")
+        if not 0 <= self.data_cache_mb < float("inf"):  # also refuses NaN
+            raise BadInputError(
+                f"data_cache_mb must be a finite number >= 0, got {self.data_cache_mb}"
+            )
         for name in ("num_samples", "num_batches"):
             value = getattr(self, name)
             if value is not None and value <= 0:
