@@ -192,3 +192,24 @@ def test_zero_variance_in_torch_stays_unfolded() -> None:
     with torch.no_grad():
         a, b = model(x), folded(x)
     assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.isfinite(a[:, 1:]).all()
+
+
+@pytest.mark.parametrize("location", ["/etc/hostname", "../../../../../etc/hostname"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path, location: str) -> None:
+    """A crafted location must not make bnfold read (and copy into its output) other files."""
+    tensor = onnx.TensorProto(name="w", data_type=TensorProto.UINT8, dims=[5])
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])],
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [5])],
+        [tensor],
+    )
+    src = tmp_path / "ext.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(src))
+    out = tmp_path / "out" / "f.onnx"
+    out.parent.mkdir()
+    assert_refused(["fold", src, "-o", out], 2, outputs=[out], inputs=[src], match="external data")
