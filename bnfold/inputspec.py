@@ -211,7 +211,7 @@ def example_inputs(
         return (_random((1, *loaded.input_size), chosen or _model_dtype(model), gen),)
     if required:
         raise BadInputError(
-            f"{loaded.label} does not say what input it takes; give --input-shape, e.g. "
-            "--input-shape 1x3x224x224 (or --shape NAME:DIMS for each input)"
+            f"{loaded.label} has no example inputs and declares no input size; give "
+            "--input-shape, e.g. --input-shape 1x3x224x224 (or --shape NAME:DIMS per input)"
         )
     return None

@@ -429,6 +429,8 @@ def export(
             )
             # the proto being checked is what gets written: name it by its destination
             result.verify_report.candidate = f"{out} (as written)"
+            if result.verify_report.baseline is not None:
+                result.verify_report.baseline = "the unfolded model, exported the same way"
             if not result.passed:
                 return result
         save_onnx(onnx_model, out)
