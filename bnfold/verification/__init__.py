@@ -2,7 +2,7 @@
 
 The logic lives in named modules; this package only re-exports the public names:
 :mod:`.check` (the verify driver), :mod:`.compare` (statistics and pass rules),
-:mod:`.inputs`, :mod:`.runners`, :mod:`.localize` and :mod:`.report`.
+:mod:`.floor` (the verdict against the unfolded model's own error), :mod:`.inputs`, :mod:`.runners`, :mod:`.localize` and :mod:`.report`.
 """
 
 from bnfold.verification.check import verify
