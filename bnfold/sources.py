@@ -407,12 +407,13 @@ def apply_state_dict(module: Any, state: Mapping[str, Any], path: str, source: s
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
     problems = []
-    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+    for label, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches (file vs model)", shapes),
+    ):
         if items:
             shown = ", ".join(items[:_SHOWN]) + (", ..." if len(items) > _SHOWN else "")
-            label = {"missing": "missing keys", "unexpected": "unexpected keys"}.get(
-                what, "shape mismatches (file vs model)"
-            )
             problems.append(f"{len(items)} {label} ({shown})")
     if problems:
         raise BadInputError(

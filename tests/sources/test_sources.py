@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -295,3 +296,20 @@ def test_cli_fold_and_recalibrate_take_a_factory_and_weights(tmp_path: Path) -> 
     model, _ = bnfold.load_model(FACTORY, weights=str(recal))
     key = next(k for k in module.state_dict() if k.endswith("running_var"))
     assert not torch.equal(model.state_dict()[key], module.state_dict()[key])
+
+
+def test_cli_export_reports_an_exporter_problem_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the unfolded export is itself far off, the exit code is 4 (not 1: the fold is not
+    to blame), the JSON says why, and no model is written."""
+    import bnfold.verification.floor as floor
+
+    monkeypatch.setattr(floor, "EXPORTER_FAR_OFF", 0.0)  # any floor above 0 is "far off"
+    out, rep = tmp_path / "m.onnx", tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["export", "mlp", "-o", str(out), "--json", str(rep), "-q"])
+    assert res.exit_code == 4, res.output
+    assert "exporter" in res.output and not out.exists()
+    data = json.loads(rep.read_text())
+    assert data["exporter_problem"] is True and data["passed"] is False
+    assert data["verify"]["exporter_problems"]  # provider/output pairs
