@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from bnfold.cli.app import app
+from bnfold.errors import BadInputError
 
 
 def _randomise_bn(module: torch.nn.Module) -> None:
@@ -60,3 +61,29 @@ def test_quick_torchvision_resnet18_from_factory_and_weights(tmp_path: Path) -> 
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_timm_shorthand_builds_without_download_and_declares_its_input() -> None:
+    pytest.importorskip("timm")
+    from bnfold.inputspec import example_inputs
+    from bnfold.sources import ModelSpec, load_source
+
+    loaded = load_source(ModelSpec("timm:resnet18", factory_args={"num_classes": 7}))
+    assert loaded.input_size == (3, 224, 224) and loaded.label == "resnet18"
+    (x,) = example_inputs(loaded)
+    assert tuple(x.shape) == (1, 3, 224, 224)
+    assert loaded.model.get_classifier().out_features == 7
+    with pytest.raises(BadInputError, match="timm has no model"):
+        load_source(ModelSpec("timm:no_such_net"))
+
+
+def test_torchvision_shorthand_and_unknown_names() -> None:
+    pytest.importorskip("torchvision")
+    from bnfold.sources import ModelSpec, load_source
+
+    loaded = load_source(ModelSpec("torchvision:resnet18", factory_args={"num_classes": 3}))
+    assert loaded.model.fc.out_features == 3 and loaded.input_size is None
+    with pytest.raises(BadInputError, match="torchvision has no model 'resnet19'"):
+        load_source(ModelSpec("torchvision:resnet19"))
+    with pytest.raises(BadInputError, match="no factory 'resnet19'"):
+        load_source(ModelSpec("torchvision.models:resnet19"))
