@@ -313,3 +313,20 @@ def test_cli_export_reports_an_exporter_problem_and_writes_nothing(
     data = json.loads(rep.read_text())
     assert data["exporter_problem"] is True and data["passed"] is False
     assert data["verify"]["exporter_problems"]  # provider/output pairs
+
+
+def test_pt2_sources_verify_at_the_sizes_their_exports_run(tmp_path: Path) -> None:
+    """A static .pt2 keeps its fixed batch (one size checked); a dynamic one is checked at a
+    second size unless the plain export of the loaded program cannot run there, which the
+    notes say."""
+    module, x = build("resnet-mini")
+    static, dynamic = tmp_path / "static.pt2", tmp_path / "dyn.pt2"
+    torch.export.save(torch.export.export(module, (x,)), static)
+    batch = torch.export.Dim("batch", min=1)
+    torch.export.save(torch.export.export(module, (x,), dynamic_shapes=({0: batch},)), dynamic)
+    result = bnfold.export(static, tmp_path / "s.onnx", progress=False)
+    assert result.passed and result.verify_report.batches == 1
+    result = bnfold.export(dynamic, tmp_path / "d.onnx", progress=False)
+    assert result.passed and (tmp_path / "d.onnx").exists()
+    checked = result.verify_report.batches
+    assert checked == 2 or any("verified at batch 2 only" in n for n in result.notes)
