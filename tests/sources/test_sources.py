@@ -86,6 +86,11 @@ def test_factory_and_weights_round_trip_through_export(tmp_path: Path) -> None:
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    # verify takes the same source as its reference
+    res = CliRunner().invoke(app, ["verify", FACTORY, str(out), "--weights", str(weights), "-q"])
+    assert res.exit_code == 0 and "PASS" in res.output, res.output
+    res = CliRunner().invoke(app, ["verify", FACTORY, str(out), "-q"])  # fresh statistics
+    assert res.exit_code == 1, res.output
     # without the weights the factory's fresh BN statistics give another function
     fresh = tmp_path / "fresh.onnx"
     bnfold.export(FACTORY, fresh, input_shape=tuple(x.shape), progress=False)
