@@ -130,6 +130,11 @@ def _load(
         )
         require_foldable(loaded.model, str(model))
     else:
+        if spec["weights"] is not None or spec["factory_args"]:
+            raise BadInputError(
+                "weights= and factory_args= apply to a model source string (e.g. "
+                "'pkg.module:factory'); load them into an in-memory model yourself"
+            )
         loaded = LoadedSource(model, "module", type(model).__name__.lower())
     files = loaded.files + ((Path(spec["weights"]),) if spec["weights"] else ())
     if example_inputs is not None:
