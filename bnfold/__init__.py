@@ -7,6 +7,7 @@ Deployment pipelines import only from here::
     stats = bnfold.recalibrate(model, loader)                  # exact population statistics
     result = bnfold.verify(original_onnx, folded_onnx)         # onnxruntime, per-output errors
     result = bnfold.export("resnet-mini", "m.onnx")            # load -> fold -> ONNX -> verify
+    model, inputs = bnfold.load_model("pkg.nets:build", weights="w.pt", input_shape=(1, 3, 224, 224))
 
 Heavy dependencies (torch, onnx, onnxruntime) are imported on first use, so ``import bnfold``
 and ``bnfold --help`` stay instant.
@@ -35,6 +36,7 @@ __all__ = [
     "recalibrate",
     "verify",
     "export",
+    "load_model",
     "FoldReport",
     "FoldDecision",
     "Direction",
@@ -59,12 +61,14 @@ _LAZY = {
     "VerifyReport": "bnfold.verification",
     "export": "bnfold.pipeline",
     "ExportResult": "bnfold.pipeline",
+    "load_model": "bnfold.sources",
 }
 
 if TYPE_CHECKING:
     from bnfold.api import fold
     from bnfold.pipeline import ExportResult, export
     from bnfold.recalib import RecalibrationReport, recalibrate
+    from bnfold.sources import load_model
     from bnfold.verification import VerifyReport, verify
 
 

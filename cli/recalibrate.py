@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from bnfold.cli.common import console, guarded
+from bnfold.cli.common import AllowPickle, console, guarded
+from bnfold.cli.model_options import MODEL_HELP, FactoryArgs, InputShape, Weights, model_spec
 
 
 def _cast_floats(batch: Any, dtype: Any) -> Any:
@@ -99,9 +100,7 @@ def _save_torch(model: Any, example: Any, output: Path) -> None:
 def recalibrate(
     model: Annotated[
         str,
-        typer.Argument(
-            help="An .onnx file, or a PyTorch model (reference model name, .pt2 ExportedProgram)."
-        ),
+        typer.Argument(help="An .onnx file, or a PyTorch model: " + MODEL_HELP),
     ],
     data: Annotated[
         str,
@@ -159,6 +158,10 @@ def recalibrate(
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show a progress bar on stderr.")
     ] = True,
+    weights: Weights = None,
+    factory_arg: FactoryArgs = None,
+    input_shape: InputShape = None,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Measure every BatchNorm's exact population statistics on data and store them.
 
@@ -172,10 +175,13 @@ def recalibrate(
         from bnfold.data import load_data_spec
         from bnfold.errors import UnsupportedModelError
         from bnfold.recalib import recalibrate as recalibrate_api
+        from bnfold.sources import load_source
 
-        check_writable(output, inputs=(Path(model),))
+        sources = (Path(model), *((Path(weights),) if weights else ()))
+        check_writable(output, inputs=sources)
         if json is not None:
-            check_writable(json, inputs=(Path(model), output))
+            check_writable(json, inputs=(*sources, output))
+        loaded = load_source(model_spec(model, weights, factory_arg, allow_pickle))
         batches = load_data_spec(data, batch_size=batch_size)
 
         def measure(target: Any, batches: Any) -> Any:
@@ -190,7 +196,7 @@ def recalibrate(
                 data_cache_mb=data_cache_mb,
             )
 
-        if model.lower().endswith(".onnx"):
+        if loaded.kind == "onnx":
             from bnfold.errors import BadInputError
             from bnfold.onnx_io import load_onnx, save_onnx
 
@@ -202,15 +208,16 @@ def recalibrate(
         else:
             import torch
 
-            from bnfold.torchfold.load import is_torchscript, load_torch
+            from bnfold.inputspec import example_inputs
 
-            loaded, example = load_torch(model)
-            if is_torchscript(loaded):
+            if loaded.kind == "torchscript":
                 raise UnsupportedModelError(
                     f"{model} is TorchScript, whose BatchNorms cannot be observed; pass a .pt2 "
-                    "ExportedProgram or a reference model name"
+                    "ExportedProgram, a factory or a reference model name"
                 )
-            module = loaded.module() if isinstance(loaded, torch.export.ExportedProgram) else loaded
+            example = example_inputs(loaded, input_shape=input_shape, required=False)
+            target = loaded.model
+            module = target.module() if isinstance(target, torch.export.ExportedProgram) else target
             dtype = next((p.dtype for p in module.parameters()), torch.float32)
             report = measure(module, _Cast(batches, dtype))
             _render(report)

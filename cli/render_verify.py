@@ -9,6 +9,7 @@ from rich import box
 from rich.table import Table
 
 from bnfold.cli.common import console
+from bnfold.verification.floor import FLOOR_FACTOR, FLOOR_ULPS
 
 __all__ = ["render_verify_report"]
 
@@ -26,41 +27,61 @@ def _num(x: float, fmt: str = ".3g") -> str:
 def render_verify_report(report: Any) -> None:
     """Print one row per provider and output, then tolerances, verdict and any broken fold.
 
-    The table keeps what fits a terminal; cosine and p50 are in ``--json``.
+    The table keeps what fits a terminal; cosine and p50 are in ``--json``. With a noise
+    floor (an unfolded baseline), two more columns give the baseline's max abs error and the
+    candidate's error as a multiple of it.
     """
+    floored = any(o.floor is not None for p in report.providers for o in p.outputs)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("provider", "output", "max abs", "max rel", "ULP", "SQNR dB", "p99 abs"):
+    columns = ["provider", "output", "max abs", "max rel", "ULP", "SQNR dB", "p99 abs"]
+    if floored:
+        columns += ["floor", "x floor"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("provider", "output") else "right")
     table.add_column("result", no_wrap=True)
     tolerances: list[str] = []
     for p in report.providers:
         if p.verdict == "not-run":
-            table.add_row(p.provider, "-", "-", "-", "-", "-", "-", "[yellow]not run[/]")
+            dashes = ["-"] * (len(columns) - 1)
+            table.add_row(p.provider, *dashes, "[yellow]not run[/]")
             continue
         for o in p.outputs:
             verdict = "pass" if o.passed else "fail"
             result = f"[{_STYLE[verdict]}]{verdict}[/]"
-            table.add_row(
-                p.provider,
-                o.output,
+            cells = [
                 _num(o.max_abs, ".2g"),
                 _num(o.max_rel, ".2g"),
                 _num(o.max_ulp, ".0f"),
                 _num(o.sqnr_db, ".0f"),
                 _num(o.p99_abs, ".2g"),
-                result,
-            )
+            ]
+            if floored:
+                f = o.floor
+                cells += [_num(f.floor, ".2g"), _num(f.factor, ".2f")] if f else ["-", "-"]
+            table.add_row(p.provider, o.output, *cells, result)
+            if o.floor is not None:
+                tolerances.append(
+                    f"{p.provider}/{o.output} {o.dtype}: max abs error <= "
+                    f"{_num(o.floor.bound)} ({FLOOR_FACTOR:g} x floor + {FLOOR_ULPS} ulp)"
+                    + (
+                        " [exporter problem: the unfolded model is far off]"
+                        if o.floor.exporter_problem
+                        else ""
+                    )
+                )
+                continue
             tolerances.append(
                 f"{p.provider}/{o.output} {o.dtype}: rtol {_num(o.rtol)}, atol {_num(o.atol)}"
                 + ("" if o.passed else f" ({o.mismatches}/{o.elements} elements outside)")
             )
     console.print(f"candidate: {report.candidate}", soft_wrap=True)
     console.print(f"reference: {report.reference}", soft_wrap=True)
+    if report.baseline is not None:
+        console.print(f"baseline (unfolded, the noise floor): {report.baseline}", soft_wrap=True)
     console.print(table)
     if tolerances:
-        console.print(
-            "tolerances (|a-b| <= atol + rtol*|b|): " + "; ".join(tolerances), soft_wrap=True
-        )
+        rule = "pass rule" if floored else "tolerances (|a-b| <= atol + rtol*|b|)"
+        console.print(f"{rule}: " + "; ".join(tolerances), soft_wrap=True)
     for p in report.not_run:
         console.print(f"[yellow]{p.provider} not run:[/] {p.reason}", soft_wrap=True)
     loc = report.localisation

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from bnfold.cli.common import EXIT_FAILED, EXIT_PROVIDER, AllowPickle, Quiet, console, fail, guarded
+from bnfold.cli.model_options import MODEL_HELP, FactoryArgs, Weights, model_spec
 
 __all__ = ["verify", "parse_tolerances"]
 
@@ -38,18 +39,18 @@ def parse_tolerances(values: list[str] | None, option: str) -> float | dict[str,
     return out
 
 
-def _load_model(src: str, allow_pickle: bool) -> Any:
-    """An ONNX path as is; anything else through the torch loader (file or model name)."""
-    if src.lower().endswith(".onnx"):
-        if not Path(src).is_file():
-            from bnfold.errors import BadInputError
+def _load_model(
+    src: str,
+    allow_pickle: bool,
+    weights: str | None = None,
+    factory_args: list[str] | None = None,
+) -> Any:
+    """An ONNX path as is; anything else through the model-source loader."""
+    from bnfold.sources import load_source
 
-            raise BadInputError(f"model file {src} does not exist; give an existing .onnx file")
-        return src
-    from bnfold.torchfold.load import load_torch
-
-    model, _ = load_torch(src, allow_pickle=allow_pickle)
-    if hasattr(model, "module") and callable(model.module) and not hasattr(model, "forward"):
+    loaded = load_source(model_spec(src, weights, factory_args, allow_pickle))
+    model = loaded.model
+    if loaded.kind == "program":
         model = model.module()  # an ExportedProgram runs through its GraphModule
     return model
 
@@ -66,7 +67,7 @@ def _resolve_data(data: str | None) -> Any:
 
 def verify(
     original: Annotated[
-        str, typer.Argument(help="The reference model: .onnx file (or a torch model file/name).")
+        str, typer.Argument(help="The reference model: an .onnx file, or " + MODEL_HELP)
     ],
     candidate: Annotated[
         str, typer.Argument(help="The model to check, e.g. the folded .onnx file.")
@@ -124,6 +125,16 @@ def verify(
             "--batches", help="Batches to compare (default: 1 generated, or all of --data)."
         ),
     ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            help="The unfolded model (e.g. the plain export): its error against ORIGINAL is "
+            "the noise floor, and CANDIDATE passes within 4x that floor plus 4 ulps.",
+        ),
+    ] = None,
+    weights: Weights = None,
+    factory_arg: FactoryArgs = None,
     allow_pickle: AllowPickle = False,
     quiet: Quiet = False,
 ) -> None:
@@ -132,7 +143,9 @@ def verify(
     ORIGINAL runs on onnxruntime's CPU provider with graph optimizations off (an independent
     reference: with them on, onnxruntime folds the original's BatchNorms too); CANDIDATE runs
     as deployed, with default optimizations, on each provider of --providers. Default
-    tolerances come from each output's dtype (float32: rtol 2e-5, atol 2e-6 x max|output|).
+    tolerances come from each output's dtype (float32: rtol 2e-5, atol 2e-6 x max|output|);
+    with --baseline (and no --rtol/--atol) the verdict is against the baseline's own error.
+    --weights/--factory-arg apply to ORIGINAL when it is a factory.
 
     Exit codes: 0 every provider ran and every output passed; 1 an output differs beyond
     tolerance; 2 bad input (missing/corrupt file, bad option); 3 a requested provider could
@@ -147,7 +160,7 @@ def verify(
         if json_path is not None:
             check_writable(json_path, inputs=(Path(original), Path(candidate)))
         report = run_verify(
-            _load_model(original, allow_pickle),
+            _load_model(original, allow_pickle, weights, factory_arg),
             _load_model(candidate, allow_pickle),
             data=_resolve_data(data),
             providers=providers,
@@ -158,6 +171,7 @@ def verify(
             num_batches=batches,
             fold_report=fold_report,
             progress=False if quiet else None,
+            baseline=None if baseline is None else _load_model(baseline, allow_pickle),
         )
         render_verify_report(report)
         if json_path is not None:

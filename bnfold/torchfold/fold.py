@@ -310,6 +310,7 @@ def fold_file(
     direction: str = "both",
     allow_pickle: bool = False,
     progress: bool = False,
+    loaded: tuple[Any, Any] | None = None,
 ) -> FoldReport:
     """Fold a PyTorch model file (or reference model name) and write a ``.pt2`` atomically.
 
@@ -319,6 +320,8 @@ def fold_file(
         direction: ``backward``, ``forward`` or ``both``.
         allow_pickle: accept a pickled whole-module file (unpickling runs its code).
         progress: show a progress bar on stderr.
+        loaded: ``(model, example_inputs)`` already loaded by :mod:`bnfold.sources` (a
+            factory and its weights); ``src`` then only names it.
 
     Raises:
         BadInputError: unreadable input, an output path equal to the input or unwritable, or
@@ -333,7 +336,7 @@ def fold_file(
     check_writable(dst, inputs=inputs)
     with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:
         task = bar.add_task("loading", total=3)
-        model, example = load_torch(src, allow_pickle=allow_pickle)
+        model, example = loaded or load_torch(src, allow_pickle=allow_pickle)
         require_foldable(model, src)
         bar.update(task, advance=1, description="folding")
         folded, report = fold_torch(model, example, direction=direction)

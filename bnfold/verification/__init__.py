@@ -1,11 +1,8 @@
-"""Verification: prove that a folded model computes what the original computes.
+"""``bnfold.verify``: prove that a folded model computes what the original computes.
 
-The logic lives in named modules: :mod:`bnfold.verification.check` (``verify``),
-:mod:`~bnfold.verification.compare` (error statistics and the pass rule),
-:mod:`~bnfold.verification.inputs` (input specs and batches),
-:mod:`~bnfold.verification.runners` (onnxruntime and torch runners),
-:mod:`~bnfold.verification.localize` (which fold broke) and
-:mod:`~bnfold.verification.report`.
+The logic lives in named modules; this package only re-exports the public names:
+:mod:`.check` (the verify driver), :mod:`.compare` (statistics and pass rules),
+:mod:`.floor` (the verdict against the unfolded model's own error), :mod:`.inputs`, :mod:`.runners`, :mod:`.localize` and :mod:`.report`.
 """
 
 from bnfold.verification.check import verify

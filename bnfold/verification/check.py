@@ -8,13 +8,16 @@ onnxruntime's default optimizations on each requested provider, a PyTorch candid
 on ``cpu`` or ``cuda``. A provider that cannot run is reported as *not run*, never passed.
 
 Every output of every provider gets error statistics and an ``allclose``-style verdict whose
-tolerances default from the dtype (see :mod:`bnfold.verification.compare`). With a FoldReport, a
-failing verification names the first fold whose preserved tensor differs
-(:mod:`bnfold.verification.localize`).
+tolerances default from the dtype (see :mod:`bnfold.verification.compare`). With a
+``baseline`` (the unfolded model), the verdict is instead whether the candidate's error stays
+within a small factor of the baseline's own error against the same reference
+(:mod:`bnfold.verification.floor`). With a FoldReport, a failing verification names the first
+fold whose preserved tensor differs (:mod:`bnfold.verification.localize`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +29,7 @@ import numpy as np
 from bnfold.errors import BadInputError
 from bnfold.report import FoldReport
 from bnfold.verification.compare import Accumulator, OutputStats, ToleranceArg, resolve_tolerance
+from bnfold.verification.floor import EXPORTER_FAR_OFF, floor_verdict
 from bnfold.verification.inputs import (
     Batch,
     InputSpec,
@@ -64,6 +68,7 @@ def verify(
     progress: bool | None = None,
     reference_float64: bool = True,
     localise_chunk: int = DEFAULT_CHUNK,
+    baseline: Any = None,
 ) -> VerifyReport:
     """Run ``reference`` and ``candidate`` on the same inputs and compare every output.
 
@@ -91,6 +96,11 @@ def verify(
         progress: show a progress bar on stderr (None: when stderr is a terminal).
         reference_float64: run a PyTorch reference in float64.
         localise_chunk: intermediate tensors exposed per localisation run.
+        baseline: the unfolded model (same kinds as ``candidate``), run on the same providers
+            and inputs. Its error against the reference is the noise floor: each output
+            passes when the candidate's max abs error is at most ``FLOOR_FACTOR`` times the
+            floor plus a few ulps (:mod:`bnfold.verification.floor`). Explicit ``rtol`` /
+            ``atol`` replace that rule by the fixed tolerance. Never modified.
 
     Returns:
         A :class:`VerifyReport`; ``report.passed`` is True only when every requested
@@ -116,6 +126,11 @@ def verify(
     available = available_providers()
     runners, results = _candidate_runners(candidate, cand_src, provider_list, available)
     cand_ort = next((r for r in runners.values() if isinstance(r, OrtRunner)), None)
+    base_runners: dict[str, OrtRunner | TorchRunner] = {}
+    base_src = None
+    if baseline is not None:
+        base_src = None if is_torch_module(baseline) else load_model_source(baseline)
+        base_runners, _ = _candidate_runners(baseline, base_src, list(runners), available)
 
     if ref_ort is not None and cand_ort is not None:
         _same_names(ref_ort, cand_ort)
@@ -125,12 +140,13 @@ def verify(
     ref_runner: OrtRunner | TorchRunner = ref_ort or TorchRunner(
         reference, float64=reference_float64, output_names=onnx_names
     )
-    for runner in runners.values():
+    for runner in [*runners.values(), *base_runners.values()]:
         if isinstance(runner, TorchRunner) and onnx_names:
             runner.output_names = list(onnx_names)
 
     batches, total = _batches(specs, inputs, data, shape_map, seed, num_batches)
     accs: dict[str, dict[str, Accumulator]] = {p: {} for p in runners}
+    base_accs: dict[str, dict[str, Accumulator]] = {p: {} for p in base_runners}
     first_batch: Batch | None = None
     count = 0
     with _progress(progress) as bar:
@@ -147,6 +163,8 @@ def verify(
                         tol = resolve_tolerance(name, cand.dtype, rtol, atol)
                         acc = accs[p][name] = Accumulator(name, tol)
                     acc.add(cand, ref)
+                if p in base_runners:
+                    _accumulate(base_accs[p], base_runners[p].run(batch), ref_out, rtol, atol)
             count += 1
             bar.update(task, advance=1)
 
@@ -158,8 +176,11 @@ def verify(
                 f"{what} names output(s) {', '.join(unknown)} that the model does not have; its "
                 f"outputs are: {', '.join(sorted(compared))}"
             )
+    use_floor = baseline is not None and rtol is None and atol is None
     for p, runner in runners.items():
         stats = [a.result() for a in accs[p].values()]
+        if use_floor and p in base_accs:
+            stats = _judge_by_floor(stats, base_accs[p])
         results[p] = ProviderResult(
             provider=p,
             runtime=_runtime(runner),
@@ -176,6 +197,16 @@ def verify(
         seed=seed if inputs is None and data is None else None,
         available_providers=available,
     )
+    if baseline is not None:
+        report.baseline = _label(baseline, base_src, None)
+        report.rule = "floor" if use_floor else "tolerance"
+        problems = report.exporter_problems
+        if problems:
+            report.notes.append(
+                "the unfolded model itself differs from the reference by more than "
+                f"{EXPORTER_FAR_OFF:.0%} of the output's scale ({', '.join(problems)}): an "
+                "exporter or runtime problem, not a fold failure"
+            )
     if report_obj is not None and report.verdict == "fail" and first_batch is not None:
         if ref_src is None or cand_src is None:
             report.notes.append("localisation needs the original and the candidate as ONNX")
@@ -209,6 +240,34 @@ def _same_names(reference: OrtRunner, candidate: OrtRunner) -> None:
                 f"original's ({', '.join(ref) or 'none'}); the models must have the same "
                 f"{what} to be compared"
             )
+
+
+def _accumulate(
+    accs: dict[str, Accumulator],
+    out: dict[str, np.ndarray],
+    ref_out: dict[str, np.ndarray],
+    rtol: ToleranceArg,
+    atol: ToleranceArg,
+) -> None:
+    # keyed by the reference's names, which the candidate's statistics also carry
+    for name, (ref, value) in _pair(ref_out, out).items():
+        acc = accs.get(name)
+        if acc is None:
+            acc = accs[name] = Accumulator(name, resolve_tolerance(name, value.dtype, rtol, atol))
+        acc.add(value, ref)
+
+
+def _judge_by_floor(stats: list[OutputStats], base: dict[str, Accumulator]) -> list[OutputStats]:
+    """Each output's verdict against the baseline's error on the same output."""
+    judged = []
+    for s in stats:
+        acc = base.get(s.output)
+        if acc is None:
+            judged.append(s)
+            continue
+        verdict = floor_verdict(s, acc.result())
+        judged.append(dataclasses.replace(s, floor=verdict, passed=verdict.passed))
+    return judged
 
 
 def _provider_list(providers: Sequence[str] | str) -> list[str]:

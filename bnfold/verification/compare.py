@@ -40,10 +40,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bnfold.errors import BadInputError
+
+if TYPE_CHECKING:
+    from bnfold.verification.floor import FloorVerdict
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -186,6 +190,9 @@ class OutputStats:
     rtol: float
     atol: float
     passed: bool
+    ref_max_abs: float = 0.0
+    #: the verdict against the unfolded model's own error (:mod:`bnfold.verification.floor`)
+    floor: FloorVerdict | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -204,6 +211,8 @@ class OutputStats:
             "rtol": self.rtol,
             "atol": self.atol,
             "passed": self.passed,
+            "ref_max_abs": _json_float(self.ref_max_abs),
+            "floor": self.floor.to_dict() if self.floor is not None else None,
         }
 
 
@@ -312,6 +321,7 @@ class Accumulator:
             rtol=self.tolerance.rtol,
             atol=atol,
             passed=mismatches == 0,
+            ref_max_abs=ref_max,
         )
 
 

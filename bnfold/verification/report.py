@@ -93,6 +93,8 @@ class VerifyReport:
         available_providers: what this onnxruntime build can run.
         localisation: the broken fold, when a FoldReport was given and outputs differ.
         notes: anything else the user should know (e.g. why localisation did not run).
+        baseline: a label for the unfolded model whose error is the floor (None: no floor).
+        rule: ``floor`` (verdicts against the baseline's error) or ``tolerance`` (fixed).
     """
 
     reference: str
@@ -103,6 +105,18 @@ class VerifyReport:
     available_providers: list[str]
     localisation: Localisation | None = None
     notes: list[str] = field(default_factory=list)
+    baseline: str | None = None
+    rule: str = "tolerance"
+
+    @property
+    def exporter_problems(self) -> list[str]:
+        """``provider/output`` where the unfolded baseline is itself far off."""
+        return [
+            f"{p.provider}/{o.output}"
+            for p in self.providers
+            for o in p.outputs
+            if o.floor is not None and o.floor.exporter_problem
+        ]
 
     @property
     def verdict(self) -> Verdict:
@@ -132,6 +146,9 @@ class VerifyReport:
             "seed": self.seed,
             "available_providers": list(self.available_providers),
             "providers": [p.to_dict() for p in self.providers],
+            "baseline": self.baseline,
+            "rule": self.rule,
+            "exporter_problems": self.exporter_problems,
             "localisation": self.localisation.to_dict() if self.localisation else None,
             "notes": list(self.notes),
         }
@@ -146,10 +163,13 @@ class VerifyReport:
                 parts.append(f"  {p.provider}: not run ({p.reason})")
                 continue
             for o in p.outputs:
-                parts.append(
+                line = (
                     f"  {p.provider} {o.output}: {'pass' if o.passed else 'FAIL'} "
                     f"max_abs={o.max_abs:.3g} max_rel={o.max_rel:.3g} ulp={o.max_ulp:.0f}"
                 )
+                if o.floor is not None:
+                    line += f" floor={o.floor.floor:.3g} factor={o.floor.factor:.3g}"
+                parts.append(line)
         if self.localisation and self.localisation.bn:
             parts.append(
                 f"  first differing fold: {self.localisation.bn} -> {self.localisation.target}"
