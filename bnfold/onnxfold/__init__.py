@@ -196,14 +196,20 @@ def _decide(
     g: GraphIndex, rewriter: Rewriter, bn: onnx.NodeProto, name: str, direction: str
 ) -> FoldDecision:
     """Fold ``bn`` if a permitted direction passes every guard; else say why not."""
+    # An adjacent partner first, then one through an operation in between (a Concat, a
+    # reshape, average pooling), so a BN that has both keeps its adjacent partner, as in the
+    # PyTorch front end.
     tried: list[tuple[Site, tuple[SkipCode, str] | None]] = []
-    for d in (Direction.BACKWARD, Direction.FORWARD):
-        site = backward_site(g, bn, name) if d is Direction.BACKWARD else forward_site(g, bn, name)
-        verdict = check(site.facts)
-        allowed = direction in ("both", d.value)
-        if verdict is None and allowed:
-            return rewriter.apply(site)
-        tried.append((site, verdict))
+    for reach in (False, True):
+        tried = []
+        for d in (Direction.BACKWARD, Direction.FORWARD):
+            make = backward_site if d is Direction.BACKWARD else forward_site
+            site = make(g, bn, name, reach=reach)
+            verdict = check(site.facts)
+            allowed = direction in ("both", d.value)
+            if verdict is None and allowed:
+                return rewriter.apply(site)
+            tried.append((site, verdict))
     back, fwd = tried
     for site, verdict in tried:
         if verdict is None:  # foldable only in the direction that was not allowed

@@ -169,16 +169,16 @@ def _matmul_weight_problem(g: GraphIndex, node: onnx.NodeProto) -> str | None:
     return None
 
 
-def backward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
+def backward_site(g: GraphIndex, bn: onnx.NodeProto, name: str, *, reach: bool = True) -> Site:
     """The site for folding ``bn`` into the producer of its input.
 
     Besides a producer right before the BN, this follows a ``Concat`` along the channel axis
     (one part per input, each folded into its own producer) and a reshape that keeps every
-    element's channel (``Linear (B, N, C) -> (B*N, C) -> BN``).
+    element's channel (``Linear (B, N, C) -> (B*N, C) -> BN``), unless ``reach`` is False.
     """
     x = bn.input[0]
     node = g.producer.get(x)
-    if node is not None and node.domain in ("", "ai.onnx"):
+    if reach and node is not None and node.domain in ("", "ai.onnx"):
         if node.op_type == "Concat":
             return _concat_site(g, bn, name, node)
         if node.op_type in _RESHAPE_OPS:
@@ -437,12 +437,12 @@ def _bias_problem(
     return f"{_name(node)}'s bias has shape {list(bias.shape)}, not [{channels}]"
 
 
-def forward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
+def forward_site(g: GraphIndex, bn: onnx.NodeProto, name: str, *, reach: bool = True) -> Site:
     """The site for folding ``bn`` into the reader of its output.
 
     The reader may sit behind averaging nodes (GlobalAveragePool, unpadded AveragePool,
-    ReduceMean over spatial axes), which commute with the BN's per-channel affine map, and a
-    Flatten in front of a Gemm/MatMul.
+    ReduceMean over spatial axes), which commute with the BN's per-channel affine map
+    (unless ``reach`` is False), and a Flatten in front of a Gemm/MatMul.
     """
     facts = _bn_facts(g, bn, name, Direction.FORWARD)
     site = Site(bn=bn, name=name, direction=Direction.FORWARD, facts=facts)
@@ -452,7 +452,8 @@ def forward_site(g: GraphIndex, bn: onnx.NodeProto, name: str) -> Site:
     candidates = [
         n
         for n in users
-        if (n.op_type in _FORWARD_OPS or n.op_type in _AVERAGE_OPS) and n.domain in ("", "ai.onnx")
+        if (n.op_type in _FORWARD_OPS or (reach and n.op_type in _AVERAGE_OPS))
+        and n.domain in ("", "ai.onnx")
     ]
     if not candidates:
         facts.neighbour = _readers_sentence(g, y, users)
