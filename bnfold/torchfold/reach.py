@@ -66,6 +66,12 @@ _RESHAPE_FUNCTIONS = (
 )
 #: Methods whose *second* argument is read only for its shape or dtype.
 _SHAPE_OF_SECOND = ("reshape_as", "view_as", "expand_as", "type_as")
+_SHAPE_OF_SECOND_ATEN = (
+    aten.reshape_as.default,
+    aten.view_as.default,
+    aten.expand_as.default,
+    aten.type_as.default,
+)
 _ADAPTIVE_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _ADAPTIVE_FUNCTIONS = (
@@ -131,7 +137,10 @@ def values_readers(node: fx.Node) -> list[fx.Node]:
     for u in node.users:
         if u.op != "output" and not reads_values(u):
             continue
-        if u.op == "call_method" and u.target in _SHAPE_OF_SECOND and u.args[0] is not node:
+        second = (u.op == "call_method" and u.target in _SHAPE_OF_SECOND) or (
+            u.op == "call_function" and u.target in _SHAPE_OF_SECOND_ATEN
+        )
+        if second and u.args[0] is not node:
             continue  # x.reshape_as(node) reads only node's shape
         out.append(u)
     return out
