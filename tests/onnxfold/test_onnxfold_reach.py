@@ -401,3 +401,24 @@ def test_kept_bn_names_the_blocking_node_on_each_side(rng):
         "from Relu Relu; forward: no foldable consumer (Conv, ConvTranspose, Linear/Gemm, "
         "MatMul): n is read by Add Add"
     )
+
+
+def test_linear_with_bias_norm_folds_through_the_reshape(rng):
+    """MatMul + Add (a Linear with bias) -> Reshape -> BN: the Add keeps the bias."""
+    inits = {
+        "w": _w(rng, 4, 6),
+        "b": _w(rng, 6),
+        "flat": np.array([-1, 6], np.int64),
+        **bn_params("bn", 6, rng),
+    }
+    m = model(
+        f"""g (float[2,5,4] x) => (float[10,6] y) {{
+            h = MatMul(x, w)
+            a = Add(h, b)
+            f = Reshape(a, flat)
+            y = BatchNormalization(f, {bn_inputs("bn")})
+        }}""",
+        inits,
+    )
+    folded, _ = _fold64(m)
+    assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add", "Reshape"]
