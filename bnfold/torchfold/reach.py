@@ -224,7 +224,11 @@ def _part(
     uses: dict[int, set[str]],
     channels: int | None,
 ) -> tuple[Part | None, SiteFacts]:
-    """The layer computing ``node`` (read by ``reader``), maybe plus a constant, and its facts."""
+    """The layer computing ``node`` (read by ``reader``), maybe plus a constant, and its facts.
+
+    ``channels``: the BN channels the layer must give; None for all of them, 0 for a ``cat``
+    input of unrecorded shape (the caller checks the layers' counts add up).
+    """
     facts = _base_facts(bn, Direction.BACKWARD)
     layer_node, addend, addend_name, add = node, None, None, None
     operands = _add_operands(node, gm)
@@ -247,7 +251,7 @@ def _part(
     facts.partner_axis = _axes(bn, layer, shape_of(layer_node), gm)
     facts.bn_axis = 1
     gives = _channels(layer, gm, "out")
-    share = channels if channels is not None else _bn_channels(bn, gm)
+    share = _bn_channels(bn, gm) if channels is None else (channels or None)
     if (
         facts.partner_axis == facts.bn_axis
         and not facts.unsupported
@@ -347,7 +351,7 @@ def _concat(bn: BatchNorm, cat: fx.Node, gm: fx.GraphModule, uses: dict[int, set
         shape = shape_of(t) if isinstance(t, fx.Node) else None
         channels = shape[1] if shape is not None and len(shape) > 1 and shape[1] > 0 else None
         part, pf = (
-            _part(t, cat, bn, gm, uses, channels) if isinstance(t, fx.Node) else (None, facts)
+            _part(t, cat, bn, gm, uses, channels or 0) if isinstance(t, fx.Node) else (None, facts)
         )
         pf.via = f"{via} (input {i})"
         if part is None:
@@ -364,6 +368,10 @@ def _concat(bn: BatchNorm, cat: fx.Node, gm: fx.GraphModule, uses: dict[int, set
     readers = values_readers(cat)
     facts.graph_output = any(u.op == "output" for u in readers)
     facts.extra_users = [u.name for u in readers if u is not bn.node and u.op != "output"]
+    total, bn_channels = sum(p.channels for p in parts), _bn_channels(bn, gm)
+    if bn_channels is not None and total != bn_channels:
+        facts.unsupported = f"{via}'s inputs give {total} channels but the BN has {bn_channels}"
+        return site
     failing = next((pf for pf in part_facts if check(pf) is not None), None)
     if failing is not None:
         failing.graph_output |= facts.graph_output

@@ -290,3 +290,14 @@ def test_kept_bn_names_the_node_on_each_side() -> None:
         "comes from relu; forward: no foldable consumer (Conv, ConvTranspose, Linear/Gemm, "
         "MatMul): the output is read by sigmoid"
     )
+
+
+def test_mixconv_without_example_inputs_uses_the_layers_channel_counts() -> None:
+    """No recorded shapes: each cat input's share is its conv's output channels."""
+    model = randomise(MixConv())
+    x = torch.randn(X4)
+    with torch.no_grad():
+        ref = model(x)
+        folded, report = bnfold.fold(model)
+        assert rel_err(ref, folded(x)) <= 1e-5
+    assert report.decisions[0].folded
