@@ -422,3 +422,25 @@ def test_linear_with_bias_norm_folds_through_the_reshape(rng):
     )
     folded, _ = _fold64(m)
     assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add", "Reshape"]
+
+
+def test_concat_bn_bn_chain_folds_both_with_one_rounding(rng):
+    inits = {
+        "w1": _w(rng, 3, 4, 1, 1),
+        "w2": _w(rng, 2, 4, 3, 3),
+        **bn_params("bn1", 5, rng),
+        **bn_params("bn2", 5, rng),
+    }
+    m = model(
+        f"""g (float[N,4,5,5] x) => (float[N,5,5,5] y) {{
+            a = Conv(x, w1)
+            b = Conv<pads = [1, 1, 1, 1]>(x, w2)
+            cat = Concat<axis = 1>(a, b)
+            n = BatchNormalization(cat, {bn_inputs("bn1")})
+            y = BatchNormalization(n, {bn_inputs("bn2")})
+        }}""",
+        inits,
+    )
+    folded, report = _fold64(m)
+    assert [d.target for d in report.decisions] == ["Conv, Conv", "Conv, Conv"]
+    assert len(folded.graph.initializer) == 4

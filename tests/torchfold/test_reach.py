@@ -301,3 +301,19 @@ def test_mixconv_without_example_inputs_uses_the_layers_channel_counts() -> None
         folded, report = bnfold.fold(model)
         assert rel_err(ref, folded(x)) <= 1e-5
     assert report.decisions[0].folded
+
+
+class CatChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 3, 1), nn.Conv2d(4, 2, 3, padding=1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(5), nn.BatchNorm2d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn2(self.bn1(torch.cat([self.a(x), self.b(x)], 1))))
+
+
+def test_cat_bn_bn_chain_folds_both() -> None:
+    folded, report = _fold64(CatChain(), torch.randn(X4))
+    assert [d.target for d in report.decisions] == ["a, b", "a, b"]
+    assert isinstance(folded, CatChain) and count_batchnorms(folded) == 0
