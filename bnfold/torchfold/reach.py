@@ -12,8 +12,8 @@ operations real networks put in between, each exact by a fact stated in
   input must be read by the ``cat`` alone (a DenseNet feature map reused elsewhere is not);
 - **a reshape that keeps every element's channel** (``linear(x).flatten(0, 1)`` -> BN1d, as in
   LeViT's LinearNorm): proven from the recorded shapes, so example inputs are needed;
-- **averaging** (BN -> ``AdaptiveAvgPool``/unpadded ``AvgPool``/``mean`` over spatial dims ->
-  [flatten] -> Linear/Conv): the BN folds forward through it.
+- **averaging** (BN -> ``AdaptiveAvgPool``/unpadded ``AvgPool``/``mean`` over spatial dims,
+  or an eval-mode ``Dropout`` -> [flatten] -> Linear/Conv): the BN folds forward through it.
 
 :func:`reach_site` is asked only when :mod:`.discover` found no neighbour; when nothing here
 applies either, it says what the neighbour is, so the reason names the blocking node.
@@ -93,6 +93,7 @@ _AVG_FUNCTIONS = (
     aten.avg_pool3d.default,
 )
 _MEANS = (torch.mean, aten.mean.dim)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 @dataclass
@@ -386,9 +387,15 @@ def _concat(bn: BatchNorm, cat: fx.Node, gm: fx.GraphModule, uses: dict[int, set
 
 
 def _pool_problem(node: fx.Node, gm: fx.GraphModule) -> tuple[bool, str | None]:
-    """``(averages per channel, padding sentence)`` for a pooling node."""
+    """``(averages per channel, padding sentence)`` for a pooling node.
+
+    An ``nn.Identity`` and an eval-mode dropout (timm's classifier heads put one between BN
+    and Linear) pass every value through, a trivial average: they count too.
+    """
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
+        if type(mod) is nn.Identity or (isinstance(mod, _DROPOUTS) and not mod.training):
+            return True, None
         if type(mod) in _ADAPTIVE_POOLS:
             return True, None
         if type(mod) in _AVG_POOLS:

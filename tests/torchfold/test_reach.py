@@ -317,3 +317,29 @@ def test_cat_bn_bn_chain_folds_both() -> None:
     folded, report = _fold64(CatChain(), torch.randn(X4))
     assert [d.target for d in report.decisions] == ["a, b", "a, b"]
     assert isinstance(folded, CatChain) and count_batchnorms(folded) == 0
+
+
+class NormLinear(nn.Module):
+    """timm's NormLinear head: BN1d, an eval-mode dropout, Linear."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(6)
+        self.drop = nn.Dropout(p)
+        self.linear = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.drop(self.bn(torch.relu(x))))
+
+
+def test_bn_through_eval_dropout_into_linear_folds_forward() -> None:
+    _folded, report = _fold64(NormLinear(0.3), torch.randn(4, 6))
+    (d,) = report.decisions
+    assert d.folded and d.direction is Direction.FORWARD and d.target == "linear"
+
+
+def test_bn_through_train_mode_dropout_is_kept() -> None:
+    model = randomise(NormLinear(0.3))
+    model.drop.train()
+    _folded, report = bnfold.fold(model, torch.randn(4, 6))
+    assert not report.decisions[0].folded
