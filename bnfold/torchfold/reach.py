@@ -392,10 +392,10 @@ def _pool_problem(node: fx.Node, gm: fx.GraphModule) -> tuple[bool, str | None]:
     An ``nn.Identity`` and an eval-mode dropout (timm's classifier heads put one between BN
     and Linear) pass every value through, a trivial average: they count too.
     """
+    if _is_identity(node, gm):
+        return True, None
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
-        if type(mod) is nn.Identity or (isinstance(mod, _DROPOUTS) and not mod.training):
-            return True, None
         if type(mod) in _ADAPTIVE_POOLS:
             return True, None
         if type(mod) in _AVG_POOLS:
@@ -421,6 +421,14 @@ def _pool_problem(node: fx.Node, gm: fx.GraphModule) -> tuple[bool, str | None]:
         spatial = all(isinstance(d, int) and d % len(shape) >= 2 for d in dims)
         return bool(dims) and spatial and not node.kwargs.get("dtype"), None
     return False, None
+
+
+def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """An ``nn.Identity`` or an eval-mode dropout module: its output is its input."""
+    if node.op != "call_module":
+        return False
+    mod = gm.get_submodule(str(node.target))
+    return type(mod) is nn.Identity or (isinstance(mod, _DROPOUTS) and not mod.training)
 
 
 def _avg_problem(node: fx.Node, padding: Any, ceil_mode: Any, divisor: Any) -> str | None:
@@ -466,12 +474,18 @@ def _forward(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -> Si
         flat = None
         if layer is None:
             r = flatten_repeat(first, gm, shape)
-            after = [v for v in values_readers(first) if v.op != "output"]
             flattens = r is not None or _is_flatten(first, gm)
+            last = first
+            after = [v for v in values_readers(first) if v.op != "output"]
+            # timm heads put an eval-mode dropout between the flatten and the Linear
+            while len(after) == 1 and _is_identity(after[0], gm) and after[0].args[:1] == (last,):
+                facts.graph_output |= any(u.op == "output" for u in values_readers(last))
+                last = after[0]
+                after = [v for v in values_readers(last) if v.op != "output"]
             candidate = as_layer(after[0], gm) if after and flattens else None
-            if candidate is not None and candidate.kind == "linear" and candidate.input is first:
-                layer, flat, repeat = candidate, first, r
-                facts.graph_output |= any(u.op == "output" for u in values_readers(first))
+            if candidate is not None and candidate.kind == "linear" and candidate.input is last:
+                layer, flat, repeat = candidate, last, r
+                facts.graph_output |= any(u.op == "output" for u in values_readers(last))
                 facts.extra_users += [v.name for v in after if v is not candidate.node]
         if layer is not None and layer.input is not (flat or cur):
             layer = None

@@ -343,3 +343,26 @@ def test_bn_through_train_mode_dropout_is_kept() -> None:
     model.drop.train()
     _folded, report = bnfold.fold(model, torch.randn(4, 6))
     assert not report.decisions[0].folded
+
+
+class DropHead(nn.Module):
+    """timm ConvMixer's head: pool, flatten, an eval-mode dropout, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.flatten(self.pool(self.bn(F.gelu(self.conv(x)))))
+        return self.head(self.drop(y))
+
+
+def test_pool_flatten_dropout_linear_folds_forward() -> None:
+    _folded, report = _fold64(DropHead(), torch.randn(2, 4, 8, 8))
+    (d,) = report.decisions
+    assert d.folded and d.direction is Direction.FORWARD and d.target == "head"
