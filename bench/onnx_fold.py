@@ -19,6 +19,13 @@ process and on the same file:
 For each it reports the best time over ``--repeat`` runs, the ratio to the I/O limit, the
 BatchNormalization nodes left, and whether onnxruntime loads the output. The target for
 bnfold is <= 1.5x the I/O limit.
+
+``--patterns`` instead folds small networks with the patterns that need a fold *through* an
+operation (Conv -> Add(constant) -> BN, a channel Concat -> BN, LeViT's Linear -> Reshape ->
+BN -> Reshape, BN -> average pool -> Flatten -> Gemm, and a DenseNet-style Concat whose input
+is reused, which must stay), exported with ``torch.onnx.export(dynamo=True)``, with bnfold and
+every peer that is installed (onnxsim and onnxslim too, outside the ``bench`` extra), and
+prints the BNs each leaves and its max relative error against the unfolded model.
 """
 
 from __future__ import annotations
@@ -228,5 +235,197 @@ def main() -> None:
     console.print(f"bnfold end to end: {ratio:.2f}x the I/O limit ({verdict} the 1.5x target)")
 
 
+# ---- --patterns ----------------------------------------------------------------------------
+
+
+def _pattern_modules() -> dict[str, tuple[object, object]]:
+    """Small networks, one per pattern, with non-trivial BN statistics, and example inputs."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class ConvAddBN(nn.Module):  # paddle2onnx writes a Conv bias as a separate Add
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 16, 3, bias=False)
+            self.shift = nn.Parameter(torch.randn(1, 16, 1, 1))
+            self.bn = nn.BatchNorm2d(16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(self.bn(self.conv(x) + self.shift))
+
+    class MixConv(nn.Module):  # timm mixnet: kernel sizes per channel group, one BN
+        def __init__(self, reuse: bool = False) -> None:
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Conv2d(4, 8, k, padding=k // 2) for k in (3, 5))
+            self.bn = nn.BatchNorm2d(16)
+            self.reuse = reuse
+            self.after = nn.Conv2d(8, 16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            parts = torch.split(x, 4, 1)
+            outs = [c(parts[i]) for i, c in enumerate(self.convs)]
+            y = F.relu(self.bn(torch.cat(outs, 1)))
+            return y + self.after(outs[0]) if self.reuse else y  # DenseNet-style reuse
+
+    class LinearNorm(nn.Module):  # timm levit
+        def __init__(self, cin: int, cout: int) -> None:
+            super().__init__()
+            self.linear = nn.Linear(cin, cout, bias=False)
+            self.bn = nn.BatchNorm1d(cout)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.linear(x)
+            return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+    class Levit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.proj = LinearNorm(16, 32), LinearNorm(32, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(F.hardswish(self.qkv(x)))
+
+    class PoolHead(nn.Module):  # convmixer: BN after the activation, then the head
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 16, 3)
+            self.bn = nn.BatchNorm2d(16)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(self.pool(self.bn(F.gelu(self.conv(x)))), 1))
+
+    image = torch.randn(2, 8, 12, 12)
+    nets = {
+        "Conv -> Add(constant) -> BN": (ConvAddBN(), image),
+        "Concat of convs -> BN (MixConv)": (MixConv(), image),
+        "Linear -> Reshape -> BN -> Reshape (LeViT)": (Levit(), torch.randn(2, 7, 16)),
+        "BN -> GlobalAveragePool -> Flatten -> Gemm": (PoolHead(), image),
+        "Concat with a reused input (must stay)": (MixConv(reuse=True), image),
+    }
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for net, _ in nets.values():
+            for m in net.modules():  # type: ignore[attr-defined]
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    c = m.num_features
+                    m.running_mean.copy_(torch.randn(c, generator=gen))
+                    m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+                    m.weight.copy_(torch.randn(c, generator=gen))
+                    m.bias.copy_(torch.randn(c, generator=gen))
+            net.eval()  # type: ignore[attr-defined]
+    return nets  # type: ignore[return-value]
+
+
+def _peers() -> dict[str, Callable[[onnx.ModelProto], onnx.ModelProto] | None]:
+    """Each peer's fold as ``ModelProto -> ModelProto``, or None when it is not installed."""
+    peers: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto] | None] = {}
+
+    def ort_basic(m: onnx.ModelProto) -> onnx.ModelProto:
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as d:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            so.optimized_model_filepath = str(Path(d) / "ort.onnx")
+            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            return onnx.load(so.optimized_model_filepath)
+
+    peers["onnxruntime basic"] = ort_basic
+    try:
+        import onnxoptimizer
+
+        peers["onnxoptimizer"] = lambda m: onnxoptimizer.optimize(m, ["fuse_bn_into_conv"])
+    except ImportError:
+        peers["onnxoptimizer"] = None
+    try:
+        from onnxscript import rewriter
+        from onnxscript.rewriter.rules.common import _fuse_batchnorm
+
+        peers["onnxscript rules"] = lambda m: rewriter.rewrite(
+            m, pattern_rewrite_rules=_fuse_batchnorm.rules
+        )
+    except ImportError:
+        peers["onnxscript rules"] = None
+    try:
+        import onnxsim
+
+        peers["onnxsim"] = lambda m: onnxsim.simplify(m)[0]
+    except ImportError:
+        peers["onnxsim"] = None
+    try:
+        import onnxslim
+
+        peers["onnxslim"] = lambda m: onnxslim.slim(m)
+    except ImportError:
+        peers["onnxslim"] = None
+    return peers
+
+
+def _run(m: onnx.ModelProto, feeds: dict[str, object]) -> list[object]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)  # type: ignore[arg-type]
+
+
+def patterns() -> None:
+    """The ``--patterns`` table: BNs left (and max relative error) per network and tool."""
+    import numpy as np
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from bnfold.onnxfold import fold_onnx
+
+    console = Console(width=150)
+    tools = {"bnfold": lambda m: fold_onnx(m)[0], **_peers()}
+    table = Table(title="BNs left after folding (max relative error vs the unfolded model)")
+    table.add_column("pattern")
+    table.add_column("BNs", justify="right")
+    for name in tools:
+        table.add_column(name, justify="right")
+    for label, (net, example) in _pattern_modules().items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(net, (example,), dynamo=True, verbose=False)
+        assert program is not None
+        model = program.model_proto
+        feeds = {model.graph.input[0].name: example.numpy()}  # type: ignore[attr-defined]
+        expected = _run(model, feeds)
+        row = [label, str(sum(n.op_type == "BatchNormalization" for n in model.graph.node))]
+        for fold in tools.values():
+            if fold is None:
+                row.append("not installed")
+                continue
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            try:
+                out = fold(copy)
+                got = _run(out, feeds)
+            except Exception as e:  # a peer that fails on a pattern is a result, too
+                row.append(f"fails ({type(e).__name__})")
+                continue
+            err = max(
+                float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                / max(float(np.max(np.abs(np.asarray(a, np.float64)))), 1e-30)
+                for a, b in zip(expected, got, strict=True)
+            )
+            left = sum(n.op_type == "BatchNormalization" for n in out.graph.node)
+            row.append(f"{left} ({err:.1e})")
+        table.add_row(*row)
+    console.print(table)
+    console.print("onnxruntime basic folds in its session; its saved model shows what it kept.")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--patterns" in sys.argv:
+        patterns()
+    else:
+        main()

@@ -24,11 +24,33 @@ ConvTranspose weights are ``(C_in, C_out/g, k...)`` (full = in); Linear and Gemm
 no groups. Channel ``i`` of the per-group axis, in the row ``f`` of the full axis, is channel
 ``(f // (F/g)) * P + i`` of its side.
 
+Four facts let a BN fold through an operator that sits between it and its partner; the
+front ends prove from shapes that one holds, and this module states and computes them:
+
+* **A constant per-channel addend** (``P(x) + c -> BN``): ``BN(P(x) + c) = s * P(x) +
+  (s * c + t)``, so ``c`` joins P's bias (:func:`add_to_bias`), or, where the Add must stay,
+  P's bias becomes ``s * (b + c) + t - c`` (:func:`fold_backward_before_add`).
+* **A concatenation along the channel axis** (``Concat(P_1(x), ..., P_k(x)) -> BN``): channel
+  ``c`` of the result is channel ``c - offset_i`` of input ``i``, so the BN is ``k`` smaller
+  BNs, one per input (:func:`split`), each folded into its own producer.
+* **A reshape that keeps the channel coordinate** (``Linear (B, N, C) -> (B*N, C) -> BN``): in
+  row-major order an element's coordinate on axis ``a`` of shape ``d`` is
+  ``(f // prod(d[a+1:])) % d[a]`` for its flat index ``f``, so two shapes whose channel axes
+  have the same size and the same product of trailing dims give every element the same
+  channel (:func:`same_channel_coordinate`).
+* **Averaging** (``BN -> average pool -> Q``): a mean of values of one channel commutes with
+  that channel's affine map, ``mean(s * x + t) = s * mean(x) + t``, when every averaged value is
+  a real activation (no zero padding counted): the pooled tensor then folds forward like the
+  BN's own output, with a Flatten after it repeating each channel over the pooled positions.
+
 No torch or onnx import here: the front ends translate to and from numpy.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,9 +59,14 @@ import numpy as np
 __all__ = [
     "Affine",
     "WeightLayout",
+    "add_to_bias",
     "bn_affine",
     "non_finite_channels",
     "compose",
+    "fold_backward_before_add",
+    "per_channel_addend",
+    "same_channel_coordinate",
+    "split",
     "fold_backward",
     "fold_forward",
     "fold_gemm_backward",
@@ -147,6 +174,79 @@ def non_finite_channels(
 def compose(first: Affine, second: Affine) -> Affine:
     """``second(first(x))`` as one affine map (a BN chain such as Conv -> BN -> BN)."""
     return Affine(second.scale * first.scale, second.scale * first.shift + second.shift)
+
+
+def split(affine: Affine, sizes: Sequence[int]) -> list[Affine]:
+    """The BN after ``Concat(x_1, ..., x_k)`` along its channel axis, as one BN per input.
+
+    ``sizes`` are the inputs' channel counts, in Concat order; they must add up to the BN's.
+    """
+    if sum(sizes) != affine.channels or any(n <= 0 for n in sizes):
+        raise ValueError(f"inputs of {list(sizes)} channels do not make {affine.channels}")
+    bounds = np.cumsum([0, *sizes])
+    return [
+        Affine(affine.scale[a:b].copy(), affine.shift[a:b].copy())
+        for a, b in itertools.pairwise(int(v) for v in bounds)
+    ]
+
+
+def per_channel_addend(shape: Sequence[int], rank: int, axis: int, channels: int) -> bool:
+    """Whether an addend of ``shape`` adds one value per channel to a rank-``rank`` tensor.
+
+    Broadcasting aligns trailing dims: the addend may not add dims (its rank is at most
+    ``rank``) and may vary only along ``axis`` (where its size is ``channels`` or 1), so it
+    is constant across every other axis and never changes the sum's shape.
+    """
+    dims = list(shape)
+    if len(dims) > rank:
+        return False
+    aligned = [1] * (rank - len(dims)) + dims
+    return all(d == 1 or (a == axis and d == channels) for a, d in enumerate(aligned))
+
+
+def add_to_bias(bias: np.ndarray | None, addend: np.ndarray, channels: int) -> np.ndarray:
+    """``b + c`` per channel in float64, for ``P(x) + c`` with a per-channel addend ``c``.
+
+    ``addend`` holds one value per channel or a single value (see :func:`per_channel_addend`).
+    """
+    c = np.broadcast_to(np.asarray(addend, np.float64).reshape(-1), (channels,))
+    b = np.zeros(channels) if bias is None else np.asarray(bias, np.float64).reshape(-1)
+    return b + c
+
+
+def fold_backward_before_add(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    addend: np.ndarray,
+    affine: Affine,
+    layout: WeightLayout,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold ``BN(P(x) + c)`` into P while the Add of ``c`` stays: returns ``(W', b')``.
+
+    ``P'(x) + c = s * (W x + b + c) + t`` for ``W' = W * s`` and ``b' = s * (b + c) + t - c``:
+    the addend is read, never changed, so code that adds it (a PyTorch ``forward``) needs no
+    edit.
+    """
+    combined = add_to_bias(bias, addend, affine.channels)
+    w, b = fold_backward(weight, combined, affine, layout)
+    return w, b - add_to_bias(None, addend, affine.channels)
+
+
+def same_channel_coordinate(
+    src: Sequence[int | None], src_axis: int, dst: Sequence[int | None], dst_axis: int
+) -> bool:
+    """Whether reshaping ``src`` into ``dst`` keeps every element's channel.
+
+    The channel axes must have the same static size and the same static product of trailing
+    dims (leading dims, the batch among them, may be unknown: ``None`` or negative).
+    """
+    if not (0 <= src_axis < len(src) and 0 <= dst_axis < len(dst)):
+        return False
+    tails = [list(src[src_axis:]), list(dst[dst_axis:])]
+    if any(d is None or d < 0 for tail in tails for d in tail):
+        return False
+    (c_src, *in_src), (c_dst, *in_dst) = tails
+    return c_src == c_dst and math.prod(in_src) == math.prod(in_dst)  # type: ignore[arg-type]
 
 
 def _channel_index(shape: tuple[int, ...], layout: WeightLayout, side: Side) -> np.ndarray:

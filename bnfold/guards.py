@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from bnfold.sites import Direction, SkipCode
 
-__all__ = ["SiteFacts", "check"]
+__all__ = ["SiteFacts", "check", "both_sides"]
 
 
 @dataclass
@@ -37,6 +37,10 @@ class SiteFacts:
         unsupported: a sentence describing any other reason the pair cannot be folded.
         non_finite: channels whose BN scale or shift is inf/NaN
             (:func:`bnfold.foldmath.non_finite_channels`).
+        neighbour: what sits where a partner was looked for (``"Relu relu_3"``, ``"a graph
+            input"``), named in the reason when there is no foldable partner.
+        via: the operator the fold reaches through (``"Concat cat_1"``), named in reasons.
+        axis_problem: a sentence when an operator in between moves the BN's channel axis.
     """
 
     bn: str
@@ -55,10 +59,44 @@ class SiteFacts:
     dtype: str | None = None
     unsupported: str | None = None
     non_finite: list[int] = field(default_factory=list)
+    neighbour: str | None = None
+    via: str | None = None
+    axis_problem: str | None = None
 
 
 def check(f: SiteFacts) -> tuple[SkipCode, str] | None:
     """The first failing guard as ``(code, sentence)``, or None when the fold is exact."""
+    verdict = _first_failure(f)
+    if verdict is None or f.via is None or verdict[0] in _BN_OWN:
+        return verdict
+    return verdict[0], f"through {f.via}, {verdict[1]}"
+
+
+#: Codes about the BN itself, whatever its neighbours: no "through ..." prefix.
+_BN_OWN = (SkipCode.TRAINING_MODE, SkipCode.NO_RUNNING_STATS)
+
+
+def both_sides(
+    backward: tuple[SkipCode, str] | None, forward: tuple[SkipCode, str] | None
+) -> tuple[SkipCode, str]:
+    """One skip decision from what blocked each direction.
+
+    The code is the more informative one (a real neighbour's problem beats a missing
+    neighbour, backward first); the sentence names both: ``"backward: ...; forward: ..."``,
+    so a reader sees what would have to change on either side. A BN-level reason (training
+    mode, no running statistics) is the same for both directions and is said once.
+    """
+    options = [r for r in (backward, forward) if r is not None]
+    if not options:
+        raise ValueError("both_sides needs at least one failed direction")
+    named = [r for r in options if r[0] is not SkipCode.NO_PARTNER]
+    code = (named or options)[0][0]
+    if code in _BN_OWN or backward is None or forward is None:
+        return code, (named or options)[0][1]
+    return code, f"backward: {backward[1]}; forward: {forward[1]}"
+
+
+def _first_failure(f: SiteFacts) -> tuple[SkipCode, str] | None:
     into = "producer" if f.direction is Direction.BACKWARD else "consumer"
     between = f"output of {f.partner}" if f.direction is Direction.BACKWARD else f"output of {f.bn}"
     if f.training:
@@ -70,7 +108,10 @@ def check(f: SiteFacts) -> tuple[SkipCode, str] | None:
             "BN has no running statistics (track_running_stats=False); recalibrate or enable them"
         )
     if f.partner is None:
-        return SkipCode.NO_PARTNER, f"no foldable {into} (Conv, ConvTranspose, Linear/Gemm, MatMul)"
+        found = f": {f.neighbour}" if f.neighbour else ""
+        return SkipCode.NO_PARTNER, (
+            f"no foldable {into} (Conv, ConvTranspose, Linear/Gemm, MatMul){found}"
+        )
     if f.unsupported:
         return SkipCode.UNSUPPORTED, f.unsupported
     if f.graph_output:
@@ -99,6 +140,8 @@ def check(f: SiteFacts) -> tuple[SkipCode, str] | None:
             SkipCode.UNKNOWN_SHAPE,
             "tensor shapes are unknown, so the channel axes cannot be matched",
         )
+    if f.axis_problem:
+        return SkipCode.CHANNEL_AXIS, f.axis_problem
     if f.bn_axis != f.partner_axis:
         return SkipCode.CHANNEL_AXIS, (
             f"BN normalises axis {f.bn_axis} but {f.partner_op or f.partner}'s channels are on "

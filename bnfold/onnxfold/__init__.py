@@ -2,8 +2,8 @@
 
 Each BN, in graph order, gets one decision. With ``direction="both"`` the fold into the
 producer (backward) is tried first and the fold into the consumer (forward) second; a BN that
-neither can take stays, with the reason of the direction that got further (a missing partner
-is the least informative reason). Folds see the graph as earlier folds left it, so a chain
+neither can take stays, with the code of the direction that got further (a missing partner
+is the least informative reason) and a reason naming what blocked each direction. Folds see the graph as earlier folds left it, so a chain
 ``Conv -> BN -> BN`` folds both BNs into the Conv.
 
 Modules: :mod:`.graph` (index, shapes, constant evaluation), :mod:`.discover` (sites and guard
@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from bnfold.errors import BadInputError
-from bnfold.guards import check
+from bnfold.guards import both_sides, check
 from bnfold.onnx_check import check_onnx_model
 from bnfold.onnx_io import check_output_path, load_onnx, load_onnx_info, save_onnx
 from bnfold.onnxfold.discover import Site, backward_site, forward_site
@@ -199,14 +199,20 @@ def _decide(
     g: GraphIndex, rewriter: Rewriter, bn: onnx.NodeProto, name: str, direction: str
 ) -> FoldDecision:
     """Fold ``bn`` if a permitted direction passes every guard; else say why not."""
+    # An adjacent partner first, then one through an operation in between (a Concat, a
+    # reshape, average pooling), so a BN that has both keeps its adjacent partner, as in the
+    # PyTorch front end.
     tried: list[tuple[Site, tuple[SkipCode, str] | None]] = []
-    for d in (Direction.BACKWARD, Direction.FORWARD):
-        site = backward_site(g, bn, name) if d is Direction.BACKWARD else forward_site(g, bn, name)
-        verdict = check(site.facts)
-        allowed = direction in ("both", d.value)
-        if verdict is None and allowed:
-            return rewriter.apply(site)
-        tried.append((site, verdict))
+    for reach in (False, True):
+        tried = []
+        for d in (Direction.BACKWARD, Direction.FORWARD):
+            make = backward_site if d is Direction.BACKWARD else forward_site
+            site = make(g, bn, name, reach=reach)
+            verdict = check(site.facts)
+            allowed = direction in ("both", d.value)
+            if verdict is None and allowed:
+                return rewriter.apply(site)
+            tried.append((site, verdict))
     back, fwd = tried
     for site, verdict in tried:
         if verdict is None:  # foldable only in the direction that was not allowed
@@ -216,14 +222,11 @@ def _decide(
                 f"BN could fold {site.direction.value} into {site.facts.partner}, but "
                 f"direction={direction} was asked for",
             )
-    if direction == "forward":
-        chosen = fwd[1]
-    elif direction == "backward":
-        chosen = back[1]
-    else:
-        chosen = fwd[1] if back[1] and back[1][0] is SkipCode.NO_PARTNER else back[1]
-    assert chosen is not None
-    code, reason = chosen
+    code, reason = both_sides(back[1], fwd[1])
+    if direction != "both":  # the code says what blocked the direction asked for
+        asked = fwd[1] if direction == "forward" else back[1]
+        assert asked is not None
+        code = asked[0]
     return FoldDecision.skip(name, code, reason)
 
 

@@ -140,26 +140,72 @@ class Rewriter:
         return self._forward(site)
 
     def _backward(self, site: Site) -> FoldDecision:
-        g, bn, p = self.g, site.bn, site.partner
-        assert p is not None
+        g, bn = self.g, site.bn
         affine, bn_params = self._affine(bn)
         x, y = bn.input[0], bn.output[0]
+        parts = site.parts or [site]
+        pieces = foldmath.split(affine, [p.channels for p in parts]) if site.parts else [affine]
+        # A chain continues when another BN reads this fold's output.
+        chain = any(n.op_type == "BatchNormalization" for n in g.users(y))
+        params: dict[str, list[str]] = {}
+        dead = list(bn.input[1:])
+        out_node: onnx.NodeProto | None = site.concat or site.tail
+        for part, piece in zip(parts, pieces, strict=True):
+            made, node, gone = self._into_producer(part, piece, bn_params, site.name, chain)
+            params.update(made)
+            dead += gone
+            out_node = out_node or node
+        assert out_node is not None
+        self._remove_bn(bn)
+        g.set_output(out_node, 0, y)
+        g.remove_dead(dead)
+        # What still reads x reads only its shape or dtype (the guards saw to that), which y
+        # shares: point it there, since x no longer exists.
+        for reader in g.users(x):
+            g.replace_input(reader, x, y)
+        return FoldDecision.fold(
+            site.name,
+            Direction.BACKWARD,
+            site.facts.partner or parts[0].bn.op_type,
+            params=params,
+            tensor=y,
+        )
+
+    def _into_producer(
+        self,
+        part: Site,
+        affine: foldmath.Affine,
+        bn_params: list[str],
+        bn_name: str,
+        chain: bool,
+    ) -> tuple[dict[str, list[str]], onnx.NodeProto, list[str]]:
+        """Fold ``affine`` into one producer (with its Add, if any).
+
+        Returns the new parameters, the node that now computes the tensor the producer's
+        reader reads, and the names that may have died.
+        """
+        g, p = self.g, part.partner
+        assert p is not None
         op = p.op_type
         w_name = p.input[1]
         old_bias: str | None = None
-        if site.add is not None:
-            old_bias = bias_input(site.add, p)
-        elif len(p.input) > 2 and p.input[2]:
+        addend: str | None = None
+        if site_add := part.add:
+            if op == "MatMul":
+                old_bias = bias_input(site_add, p)
+            else:  # Conv/ConvTranspose + Add(constant): the addend joins the layer's bias
+                addend = bias_input(site_add, p)
+        if old_bias is None and op != "MatMul" and len(p.input) > 2 and p.input[2]:
             old_bias = p.input[2]
         bias64 = None if old_bias is None else self._value64(old_bias)
         w64 = self._value64(w_name)
         if op in ("Conv", "ConvTranspose"):
             layout = foldmath.CONV if op == "Conv" else foldmath.CONV_TRANSPOSE
+            bias_vec = _vector(bias64, affine.channels)
+            if addend is not None:
+                bias_vec = foldmath.add_to_bias(bias_vec, self._value64(addend), affine.channels)
             new_w, new_b = foldmath.fold_backward(
-                w64,
-                _vector(bias64, affine.channels),
-                affine,
-                layout.with_groups(attr_int(p, "group", 1)),
+                w64, bias_vec, affine, layout.with_groups(attr_int(p, "group", 1))
             )
         elif op == "Gemm":
             new_w, new_b = foldmath.fold_gemm_backward(
@@ -177,21 +223,20 @@ class Rewriter:
             if bias64 is not None:
                 bias_flat = np.broadcast_to(bias64, (affine.channels,))
             new_w, new_b = foldmath.fold_backward(w64, bias_flat, affine, foldmath.MATMUL)
-        # A chain continues when another BN reads this fold's output.
-        chain = any(n.op_type == "BatchNormalization" for n in g.users(y))
+        sources = [*bn_params, *self._sources(addend)] if addend else bn_params
         new_w_name, new_b_name = self._write_pair(
-            site.name, w_name, old_bias, new_w, new_b, bn_params, chain
+            bn_name, w_name, old_bias, new_w, new_b, sources, chain
         )
-        dead = [w_name, *bn.input[1:]] + ([old_bias] if old_bias else [])
+        gone = [w_name, *([old_bias] if old_bias else []), *([addend] if addend else [])]
 
         g.replace_input(p, w_name, new_w_name)
         out_node = p
-        if site.add is not None:
+        if part.add is not None and op == "MatMul":
             assert old_bias is not None  # set from the Add above
-            g.replace_input(site.add, old_bias, new_b_name)
-            out_node = site.add
+            g.replace_input(part.add, old_bias, new_b_name)
+            out_node = part.add
         elif op == "MatMul":
-            out_node = self._add_bias_after(p, new_b_name, site.name)
+            out_node = self._add_bias_after(p, new_b_name, bn_name)
         elif old_bias is not None:
             g.replace_input(p, old_bias, new_b_name)
         else:
@@ -199,20 +244,21 @@ class Rewriter:
                 p.input.append("")
             p.input.append(new_b_name)
             g.consumers[new_b_name].append(p)
-        self._remove_bn(bn)
-        g.set_output(out_node, 0, y)
-        g.remove_dead(dead)
-        # What still reads x reads only its shape or dtype (the guards saw to that), which y
-        # shares: point it there, since x no longer exists.
-        for reader in g.users(x):
-            g.replace_input(reader, x, y)
+        if part.add is not None and op != "MatMul":
+            # The Add is now in the bias: the layer takes over the Add's output name.
+            add = part.add
+            inner, outer = p.output[0], add.output[0]
+            g.remove_node(add)
+            for i in add.input:
+                g.consumers[i] = [n for n in g.consumers[i] if n is not add]
+            g.set_output(p, 0, outer)
+            for reader in g.users(inner):  # shape readers only; the sum has the same shape
+                g.replace_input(reader, inner, outer)
         self._forget(w_name, old_bias)
-        return FoldDecision.fold(
-            site.name,
-            Direction.BACKWARD,
-            site.facts.partner or op,
-            params={new_w_name: self.origin[new_w_name], new_b_name: self.origin[new_b_name]},
-            tensor=y,
+        return (
+            {new_w_name: self.origin[new_w_name], new_b_name: self.origin[new_b_name]},
+            (out_node),
+            gone,
         )
 
     def _forward(self, site: Site) -> FoldDecision:
@@ -265,7 +311,10 @@ class Rewriter:
         else:
             q.input.append(new_b_name)
             g.consumers[new_b_name].append(q)
-        reader = site.flatten if site.flatten is not None else q
+        if site.through:
+            reader = site.through[0]
+        else:
+            reader = site.flatten if site.flatten is not None else q
         g.replace_input(reader, y, x)
         self._remove_bn(bn)
         g.remove_dead(dead)

@@ -144,12 +144,13 @@ def _non_finite(bn: BatchNorm, gm: fx.GraphModule) -> list[int]:
     return foldmath.non_finite_channels(mean, var, bn.eps, f64(bn.gamma), f64(bn.beta))
 
 
-def _base_facts(bn: BatchNorm, direction: Direction) -> SiteFacts:
+def _base_facts(bn: BatchNorm, direction: Direction, gm: fx.GraphModule) -> SiteFacts:
     return SiteFacts(
         bn=bn.name,
         direction=direction,
         training=bn.training,
         running_stats=bn.running_stats,
+        non_finite=_non_finite(bn, gm),
     )
 
 
@@ -192,7 +193,7 @@ def reads_values(node: fx.Node) -> bool:
 
 def backward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -> Site:
     """The site folding ``bn`` into the layer that computes its input."""
-    facts = _base_facts(bn, Direction.BACKWARD)
+    facts = _base_facts(bn, Direction.BACKWARD, gm)
     producer = bn.input
     layer = as_layer(producer, gm) if isinstance(producer, fx.Node) else None
     site = Site(bn, layer, Direction.BACKWARD, facts)
@@ -206,7 +207,6 @@ def backward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) 
         u.name for u in users if u is not bn.node and u.op != "output" and reads_values(u)
     ]
     facts.non_constant = layer.non_constant + bn.non_constant
-    facts.non_finite = _non_finite(bn, gm)
     facts.shared = _shared([layer.weight, layer.bias, bn.mean, bn.var, bn.gamma, bn.beta], gm, uses)
     shape = shape_of(producer)
     facts.partner_axis = _axes(bn, layer, shape, gm)
@@ -237,7 +237,7 @@ def _is_flatten(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 def forward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -> Site:
     """The site folding ``bn`` into the layer that reads its output (maybe through a Flatten)."""
-    facts = _base_facts(bn, Direction.FORWARD)
+    facts = _base_facts(bn, Direction.FORWARD, gm)
     users = list(bn.out.users)
     readers = [u for u in users if u.op != "output" and reads_values(u)]
     shape = shape_of(bn.out)
@@ -275,7 +275,6 @@ def forward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -
     )
     facts.extra_users = extra
     facts.non_constant = layer.non_constant + bn.non_constant
-    facts.non_finite = _non_finite(bn, gm)
     facts.shared = _shared([layer.weight, layer.bias, bn.mean, bn.var, bn.gamma, bn.beta], gm, uses)
     facts.bn_axis = 1
     if between is not bn.out:

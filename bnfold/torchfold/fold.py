@@ -3,7 +3,9 @@
 Order: every BN is first tried *backward* (into the layer that computes its input) in graph
 order, so chains such as Conv -> BN -> BN collapse one BN at a time; the BNs left are then
 tried *forward* (into the layer reading their output) in reverse graph order, so
-BN -> BN -> Conv collapses from the Conv outwards. Each fold re-reads the graph, so a second
+BN -> BN -> Conv collapses from the Conv outwards. The BNs still left get the same two passes
+through an operation between them and a layer (:mod:`.reach`: an Add of a constant, a channel
+``cat``, a channel-keeping reshape, average pooling). Each fold re-reads the graph, so a second
 fold into the same layer starts from the first one's parameters.
 
 What comes back:
@@ -31,13 +33,14 @@ from torch import fx, nn
 
 from bnfold.atomic import atomic_path, check_writable
 from bnfold.errors import BadInputError, UnsupportedModelError
-from bnfold.guards import check
+from bnfold.guards import both_sides, check
 from bnfold.report import FoldReport
 from bnfold.sites import Direction, FoldDecision, SkipCode
 from bnfold.torchfold.capture import Captured, capture
 from bnfold.torchfold.discover import Site, backward_site, forward_site, usage_map
 from bnfold.torchfold.load import load_torch, require_foldable
 from bnfold.torchfold.ops import ParamRef, as_batchnorm, is_bn_module
+from bnfold.torchfold.reach import ReachSite, apply_reach, reach_site, site_layers
 from bnfold.torchfold.rewrite import Exact, apply_fold, prune
 
 __all__ = ["fold_torch", "fold_file", "fold_graph", "count_batchnorms"]
@@ -47,12 +50,16 @@ def _judge(site: Site) -> tuple[SkipCode, str] | None:
     return check(site.facts)
 
 
-def _site(node: fx.Node, gm: fx.GraphModule, direction: Direction) -> Site | None:
+def _site(node: fx.Node, gm: fx.GraphModule, direction: Direction, reach: bool) -> Site | None:
     bn = as_batchnorm(node, gm)
     if bn is None:
         return None
     make = backward_site if direction is Direction.BACKWARD else forward_site
-    return make(bn, gm, usage_map(gm))
+    uses = usage_map(gm)
+    site = make(bn, gm, uses)
+    if reach and site.layer is None:  # through an operation in between, or say what is there
+        site = reach_site(bn, gm, uses, direction)
+    return site
 
 
 def _skip(
@@ -60,10 +67,8 @@ def _skip(
     backward: tuple[SkipCode, str] | None,
     forward: tuple[SkipCode, str] | None,
 ) -> FoldDecision:
-    """Pick the more informative reason: one that names a real neighbour, backward first."""
-    options = [r for r in (backward, forward) if r is not None]
-    named = [r for r in options if r[0] is not SkipCode.NO_PARTNER]
-    code, reason = (named or options)[0]
+    """The more informative code (a real neighbour's, backward first), and both reasons."""
+    code, reason = both_sides(backward, forward)
     return FoldDecision.skip(name, code, reason)
 
 
@@ -84,20 +89,25 @@ def fold_graph(
     folded: list[Site] = []
     origin: dict[str, list[str]] = {}
     exact: Exact = {}
+    # Folds into an adjacent layer first, then folds through an operation in between
+    # (bnfold.torchfold.reach), so a BN that has both keeps its adjacent partner.
     passes = [
-        (Direction.BACKWARD, bn_nodes, want_back),
-        (Direction.FORWARD, bn_nodes[::-1], want_fwd),
+        (Direction.BACKWARD, bn_nodes, want_back, False),
+        (Direction.FORWARD, bn_nodes[::-1], want_fwd, False),
+        (Direction.BACKWARD, bn_nodes, want_back, True),
+        (Direction.FORWARD, bn_nodes[::-1], want_fwd, True),
     ]
-    for way, order, wanted in passes:
+    for way, order, wanted, reach in passes:
         for node in order:
             if node in decisions:
                 continue
-            site = _site(node, gm, way)
+            site = _site(node, gm, way, reach)
             assert site is not None
             result = _judge(site)
             reasons[node][way] = result
             if result is None and wanted:
-                decisions[node] = apply_fold(site, gm, origin, exact)
+                fold = apply_reach if isinstance(site, ReachSite) else apply_fold
+                decisions[node] = fold(site, gm, origin, exact)  # type: ignore[arg-type]
                 folded.append(site)
     asked = {Direction.BACKWARD: want_back, Direction.FORWARD: want_fwd}
     for node in bn_nodes:
@@ -180,7 +190,9 @@ def count_batchnorms(model: Any) -> int:
 
 def _module_result(cap: Captured, folded: list[Site]) -> bool:
     return cap.kind == "module" and all(
-        s.bn.module is not None and s.layer is not None and s.layer.module is not None
+        s.bn.module is not None
+        and s.layer is not None
+        and all(layer.module is not None for layer in site_layers(s))
         for s in folded
     )
 

@@ -106,3 +106,27 @@ def check_fold(
 
 def initializer(m: onnx.ModelProto, name: str) -> np.ndarray:
     return numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == name))
+
+
+def float64_reference(
+    m: onnx.ModelProto, inputs: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """``(inputs, outputs)`` of ``m`` evaluated in float64 by ``onnx.reference``.
+
+    Every float32 tensor, input and output becomes float64, so the outputs are what the
+    model computes without float32 rounding: a fold is held to that, not to the float32 run.
+    """
+    m64 = onnx.ModelProto()
+    m64.CopyFrom(m)
+    del m64.graph.value_info[:]
+    for t in m64.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+    for v in [*m64.graph.input, *m64.graph.output]:
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    from onnx.reference import ReferenceEvaluator
+
+    feeds64 = {k: v.astype(np.float64) for k, v in inputs.items()}
+    outputs = ReferenceEvaluator(m64).run(None, feeds64)
+    return inputs, [np.asarray(o) for o in outputs]

@@ -4,7 +4,10 @@ Each graph is a chain of blocks on one activation stream (N, C, d...) or (N, F):
 spatial dims, groups, depthwise, zero or no padding, every ``auto_pad``, strides,
 dilations), ConvTranspose (groups, ``output_padding``, strides), BN (chains, several
 readers, graph outputs, training mode), Relu, residual Adds of two branches, Flatten/Reshape,
-Gemm (alpha, beta, transA, transB, C of every broadcastable shape) and MatMul(+Add). Each
+Gemm (alpha, beta, transA, transB, C of every broadcastable shape) and MatMul(+Add), and the
+blocks a fold must reach through: Conv + Add(constant of a per-channel or a varying shape),
+channel Concats of convs (an input sometimes read again), and average pools (global, strided,
+padded) before a Flatten. Each
 parameter is sometimes a ``Constant`` node (``value`` or ``value_floats``), a graph input, or
 an initializer that is also a graph input, so the guards meet every kind of storage.
 
@@ -312,12 +315,79 @@ class _Builder:
         self.nodes.append(helper.make_node("Add", [a, other], [y], self.name("add")))
         return y
 
+    def conv_add(self, x: str, shape: list[int]) -> tuple[str, list[int]] | None:
+        """A Conv, then an Add of a constant: per channel (a bias) or varying (not one)."""
+        made = self.conv(x, shape)
+        if made is None:
+            return None
+        y, out = made
+        c, rank = out[1], len(out)
+        form = self.rng.choice(["1C11", "C11", "scalar", "varying"])
+        dims = {
+            "1C11": [1, c] + [1] * (rank - 2),
+            "C11": [c] + [1] * (rank - 2),
+            "scalar": [1],
+            "varying": [1, c, *out[2:]],
+        }[str(form)]
+        addend = self.param("add_c", (self.rng.standard_normal(dims) * 0.3).astype(self.act))
+        z = self.name("add_out")
+        pair = [y, addend] if self.chance(0.5) else [addend, y]
+        self.nodes.append(helper.make_node("Add", pair, [z], self.name("add")))
+        return z, out
+
+    def concat(self, x: str, shape: list[int]) -> tuple[str, list[int]]:
+        """Convs of one input concatenated along the channels; one input may be read again."""
+        spatial = shape[2:]
+        parts, channels = [], 0
+        for _ in range(int(self.rng.integers(2, 4))):
+            c = int(self.rng.integers(1, 5))
+            k = [1 if self.chance(0.5) else 3 for _ in spatial]
+            w = self.param("cat_w", self.weight(c, shape[1], *k))
+            y = self.name("cat_in")
+            inputs = [x, w] + ([self.param("cat_b", self.weight(c))] if self.chance(0.5) else [])
+            attrs = {"kernel_shape": k, "pads": [kk // 2 for kk in k] * 2}
+            self.nodes.append(helper.make_node("Conv", inputs, [y], self.name("conv"), **attrs))
+            parts.append(y)
+            channels += c
+        if self.chance(0.25):  # DenseNet: a concatenated feature map is read elsewhere too
+            self.outputs.append(
+                helper.make_tensor_value_info(parts[0], self.elem, [None] * len(shape))
+            )
+        axis = 1 if self.chance(0.7) else 1 - len(shape)
+        y = self.name("cat_out")
+        self.nodes.append(helper.make_node("Concat", parts, [y], self.name("concat"), axis=axis))
+        return y, [shape[0], channels, *spatial]
+
+    def pool(self, x: str, shape: list[int]) -> tuple[str, list[int]]:
+        """An average pool: global, or strided with or without padding."""
+        y = self.name("pool_out")
+        spatial = shape[2:]
+        if self.chance(0.5) or min(spatial) < 2:
+            self.nodes.append(helper.make_node("GlobalAveragePool", [x], [y], self.name("gap")))
+            return y, [*shape[:2], *([1] * len(spatial))]
+        pad = 1 if self.chance(0.3) else 0
+        k = [2] * len(spatial)
+        attrs: dict[str, object] = {"kernel_shape": k, "strides": k, "pads": [pad] * (2 * len(k))}
+        if self.chance(0.5):
+            attrs["count_include_pad"] = 1
+        self.nodes.append(helper.make_node("AveragePool", [x], [y], self.name("avg"), **attrs))
+        return y, [*shape[:2], *[(n + 2 * pad - 2) // 2 + 1 for n in spatial]]
+
     # ---- graphs --------------------------------------------------------------------------
 
     def spatial_stream(self, x: str, shape: list[int], depth: int) -> tuple[str, list[int]]:
         for _ in range(depth):
             r = self.rng.random()
-            if r < 0.4:
+            if self.chance(0.2):  # a block a fold must reach through
+                if self.chance(0.5):
+                    made = self.conv_add(x, shape)
+                    if made is not None:
+                        x, shape = made
+                        x = self.bn(x, shape[1], len(shape))
+                else:
+                    x, shape = self.concat(x, shape)
+                    x = self.bn(x, shape[1], len(shape))
+            elif r < 0.4:
                 made = self.conv(x, shape)
                 if made is not None:
                     x, shape = made
@@ -392,6 +462,8 @@ def build(seed: int) -> RandomGraph:
         if rng.random() < 0.4:
             if rng.random() < 0.5:
                 y = b.bn(y, shape[1], len(shape))
+                if rng.random() < 0.5:  # BN -> average pool -> Flatten -> Gemm/MatMul
+                    y, shape = b.pool(y, shape)
             y, shape = b.flatten(y, shape)
             y, shape = b.dense_stream(y, shape, int(rng.integers(1, 3)))
     out_names = {o.name for o in b.outputs}

@@ -124,5 +124,6 @@ def test_generator_covers_the_cases() -> None:
         half += g.half
     assert {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Flatten", "Reshape"} <= ops
     assert {"Constant", "Relu", "Transpose", "BatchNormalization"} <= ops
+    assert {"Concat", "GlobalAveragePool", "AveragePool"} <= ops
     assert opsets == {9, 14, 15}
     assert half >= 10

@@ -6,8 +6,10 @@ tracks each value's layout (spatial dims, channels, spatial sizes) so that every
 adds is valid for its input, and it mixes in the patterns folding must get right: groups and
 depthwise convs, every padding mode, transposed convs, Linear on 2-D and 3-D inputs, BN in
 train mode or without running statistics, functional ``F.batch_norm`` / ``F.conv2d`` /
-``F.linear``, a module called twice, tied weights, a BN module called twice, and BN outputs
-that are read twice or returned.
+``F.linear``, a module called twice, tied weights, a BN module called twice, BN outputs
+that are read twice or returned, and the operations a fold reaches through: a constant added
+after a conv (per channel, or varying), a channel ``cat`` of convs (an input sometimes read
+again) and average pools (adaptive, strided, padded, ``mean``) before a flatten and Linear.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class RandomNet(nn.Module):
                 vals[out] = a[0] * torch.sigmoid(a[1])
             elif op == "cat":
                 vals[out] = torch.cat(a, 1)
+            elif op == "add_param":
+                vals[out] = a[0] + getattr(self, info["param"])
+            elif op == "pool":
+                vals[out] = _pool(a[0], info)
             elif op == "flatten":
                 vals[out] = torch.flatten(a[0], 1)
             elif op == "fbn":
@@ -91,6 +97,16 @@ class RandomNet(nn.Module):
                     a[0], getattr(self, p + "w"), getattr(self, p + "b") if info["bias"] else None
                 )
         return tuple(vals[o] for o in self.outputs)
+
+
+def _pool(x: torch.Tensor, info: dict) -> torch.Tensor:
+    """An average over spatial positions of each channel."""
+    spatial = info["spatial"]  # not x.dim(): fx traces x as a Proxy
+    if info["kind"] == "adaptive":
+        return getattr(F, f"adaptive_avg_pool{spatial}d")(x, 1)
+    if info["kind"] == "mean":
+        return x.mean(tuple(range(2, 2 + spatial)), keepdim=True)
+    return getattr(F, f"avg_pool{spatial}d")(x, 2, 2, info["padding"])
 
 
 class _Builder:
@@ -269,7 +285,7 @@ class _Builder:
         choices = ["conv_bn", "bn_conv", "bn", "relu"]
         if v.spatial >= 1:
             choices += ["convt_bn", "residual", "cat", "twice", "tied", "bn_twice", "gate"]
-            choices += ["flatten_fc", "extra"]
+            choices += ["flatten_fc", "extra", "cat_bn", "add_bn", "bn_pool_fc"]
         if v.spatial == 2:
             choices += ["fconv"]
         if v.spatial in (0, 1):
@@ -333,6 +349,38 @@ class _Builder:
             if feats > 400:
                 return v
             return self.linear(fv)
+        if kind == "cat_bn":  # MixConv: one BN after a channel cat
+            a = self.conv(v, keep_shape=True)
+            b = self.conv(v, keep_shape=True)
+            if rng.random() < 0.25:  # DenseNet: an input is read again
+                self.net.outputs.append(a.name)
+            out = self.step("cat", (a.name, b.name))
+            return self.bn(_Value(out, v.spatial, a.channels + b.channels, v.sizes))
+        if kind == "add_bn":  # a bias added outside the conv
+            c = self.conv(v, keep_shape=True)
+            ones = (1,) * v.spatial
+            shape = rng.choice(
+                [(1, c.channels, *ones), (c.channels, *ones), (1,), (1, c.channels, *v.sizes)]
+            )
+            attr = self.fresh("shift")
+            self.net.register_parameter(attr, nn.Parameter(self.randn(*shape)))
+            out = self.step("add_param", (c.name,), {"param": attr})
+            return self.bn(_Value(out, c.spatial, c.channels, c.sizes))
+        if kind == "bn_pool_fc":  # a classifier head
+            bn = self.bn(v)
+            kind = rng.choice(["adaptive", "mean", "avg", "avg"])
+            pad = 1 if kind == "avg" and rng.random() < 0.3 else 0
+            if kind == "avg" and min(v.sizes) < 2:
+                kind = "adaptive"
+            sizes = (
+                tuple((n + 2 * pad - 2) // 2 + 1 for n in v.sizes)
+                if kind == "avg"
+                else (1,) * v.spatial
+            )
+            info = {"kind": kind, "padding": pad, "spatial": v.spatial}
+            out = self.step("pool", (bn.name,), info)
+            flat = self.step("flatten", (out,))
+            return self.linear(_Value(flat, 0, v.channels * math.prod(sizes), ()))
         if kind == "extra":
             out = self.bn(self.conv(v))
             self.net.outputs.append(out.name)
