@@ -10,8 +10,10 @@ Python), which needs ``example_inputs``. Symbolic tracing is preferred because
 - it needs no example input, and costs no compilation;
 - it shows functional ``F.batch_norm`` calls as such.
 
-Conv, ConvTranspose, Linear and BatchNorm modules (subclasses included, e.g. SyncBatchNorm)
-are kept as leaves so that a user subclass is judged as a module rather than traced into.
+Conv, ConvTranspose, Linear and BatchNorm modules (subclasses included, e.g. SyncBatchNorm,
+and the BN-like layers of :mod:`bnfold.torchfold.bnlike`, e.g. timm ``BatchNormAct2d`` and
+``FrozenBatchNorm2d``) are kept as leaves so that a user subclass is judged as a module rather
+than traced into.
 
 A ``torch.fx.GraphModule`` is used as is. A ``torch.export.ExportedProgram`` is unlifted with
 ``program.module()`` (parameters become ``get_attr`` nodes with their ``state_dict`` names),
@@ -31,10 +33,10 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from bnfold.errors import BadInputError, UnsupportedModelError
+from bnfold.torchfold.bnlike import is_bn_like
 
 __all__ = ["Captured", "capture", "as_example"]
 
@@ -49,7 +51,7 @@ class _Tracer(fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (_BatchNorm, _ConvNd, nn.Linear, torch.jit.ScriptModule)):
+        if isinstance(m, (_ConvNd, nn.Linear, torch.jit.ScriptModule)) or is_bn_like(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -34,6 +34,7 @@ from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.guards import check
 from bnfold.report import FoldReport
 from bnfold.sites import Direction, FoldDecision, SkipCode
+from bnfold.torchfold.bnlike import after_fold
 from bnfold.torchfold.capture import Captured, capture
 from bnfold.torchfold.discover import Site, backward_site, forward_site, usage_map
 from bnfold.torchfold.load import load_torch, require_foldable
@@ -52,7 +53,13 @@ def _site(node: fx.Node, gm: fx.GraphModule, direction: Direction) -> Site | Non
     if bn is None:
         return None
     make = backward_site if direction is Direction.BACKWARD else forward_site
-    return make(bn, gm, usage_map(gm))
+    site = make(bn, gm, usage_map(gm))
+    if direction is Direction.FORWARD and bn.keeps and site.layer is not None:
+        site.facts.unsupported = site.facts.unsupported or (
+            f"{bn.name} applies its {' and '.join(bn.keeps)} after normalising, so a later "
+            "layer does not read the affine map; only a fold into the layer before it is exact"
+        )
+    return site
 
 
 def _skip(
@@ -195,7 +202,7 @@ def _transplant(model: nn.Module, root: nn.Module, decisions: list[FoldDecision]
             value = ref.get(root)
             assert isinstance(value, nn.Parameter)
             model.get_submodule(ref.owner).register_parameter(ref.attr, value)
-        model.set_submodule(d.bn, nn.Identity())
+        model.set_submodule(d.bn, after_fold(model.get_submodule(d.bn)))
 
 
 def fold_torch(
@@ -235,7 +242,9 @@ def fold_torch(
             return model, report
         for site in folded:
             assert site.bn.module is not None
-            cap.root.set_submodule(site.bn.module, nn.Identity())
+            cap.root.set_submodule(
+                site.bn.module, after_fold(cap.root.get_submodule(site.bn.module))
+            )
         return cap.root, report
     prune(cap.gm)
     if cap.from_program:

@@ -18,9 +18,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
+
+from bnfold.torchfold import bnlike
 
 __all__ = [
     "ParamRef",
@@ -207,6 +208,8 @@ class BatchNorm:
         eps: the variance epsilon.
         non_constant: statistics or affine parameters that are not stored tensors.
         unsupported: why this BN cannot be folded whatever its neighbours, or None.
+        keeps: children of a BN-like module that run after its affine map (timm
+            ``BatchNormAct2d``: ``drop``, ``act``) and stay in its place when it is folded.
     """
 
     node: fx.Node
@@ -224,6 +227,7 @@ class BatchNorm:
     trailing: list[fx.Node] = field(default_factory=list)
     non_constant: list[str] = field(default_factory=list)
     unsupported: str | None = None
+    keeps: list[str] = field(default_factory=list)
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
@@ -260,7 +264,8 @@ def _own_forward(module: nn.Module, base: type) -> bool:
 
 
 def is_bn_module(module: nn.Module) -> bool:
-    return isinstance(module, _BatchNorm)
+    """A BatchNorm or BN-like module (see :mod:`bnfold.torchfold.bnlike`), known or refused."""
+    return bnlike.is_bn_like(module)
 
 
 def _tensor_arg(value: Any, name: str, non_constant: list[str]) -> ParamRef | None:
@@ -442,27 +447,26 @@ def as_batchnorm(node: fx.Node, root: nn.Module) -> BatchNorm | None:
         if not is_bn_module(mod):
             return None
         path = str(node.target)
-        stats = mod.running_mean is not None and mod.running_var is not None
-        unsupported = parametrized(mod)
-        if not _own_forward(mod, _BatchNorm):
-            unsupported = (
-                f"{type(mod).__name__} overrides forward, so its output is not known to be "
-                "the BatchNorm affine map"
-            )
+        spec = bnlike.spec_of(mod)
+        mean, var = getattr(mod, "running_mean", None), getattr(mod, "running_var", None)
+        stats = isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)
+        gamma, beta = getattr(mod, "weight", None), getattr(mod, "bias", None)
+        unsupported = bnlike.refusal(mod) or parametrized(mod)
         return BatchNorm(
             node=node,
             out=node,
             name=path,
             module=path,
             input=_module_input(node),
-            training=bool(mod.training),
+            training=bool(mod.training) and not (spec is not None and spec.frozen),
             running_stats=stats,
             mean=ParamRef(path, "running_mean") if stats else None,
             var=ParamRef(path, "running_var") if stats else None,
-            gamma=ParamRef(path, "weight") if mod.weight is not None else None,
-            beta=ParamRef(path, "bias") if mod.bias is not None else None,
-            eps=float(mod.eps),  # type: ignore[arg-type]
+            gamma=ParamRef(path, "weight") if isinstance(gamma, torch.Tensor) else None,
+            beta=ParamRef(path, "bias") if isinstance(beta, torch.Tensor) else None,
+            eps=float(getattr(mod, "eps", 1e-5)),
             unsupported=unsupported,
+            keeps=bnlike.kept_after(mod),
         )
     if node.op != "call_function" or node.target not in _BN_FUNCTIONS:
         return None
