@@ -38,9 +38,16 @@ from torch.nn.modules.conv import _ConvNd
 from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.torchfold.bnlike import is_bn_like
 
-__all__ = ["Captured", "capture", "as_example"]
+__all__ = ["Captured", "CaptureError", "capture", "as_example"]
 
 Kind = Literal["module", "graph", "program"]
+
+
+class CaptureError(UnsupportedModelError):
+    """An ``nn.Module`` that neither torch.fx nor torch.export could capture whole.
+
+    :mod:`bnfold.torchfold.partial` catches it to fold the subtrees that can be captured.
+    """
 
 
 class _Tracer(fx.Tracer):
@@ -175,14 +182,14 @@ def capture(model: Any, example_inputs: Any = None, *, inplace: bool = False) ->
         gm = fx.GraphModule(root, graph, type(root).__name__)
     except Exception as trace_error:
         if example is None:
-            raise UnsupportedModelError(
+            raise CaptureError(
                 f"{type(model).__name__} cannot be traced symbolically ({type(trace_error).__name__}); "
                 "pass example_inputs so bnfold can capture it with torch.export"
             ) from trace_error
         try:
             program = torch.export.export(root, example)
         except Exception as export_error:
-            raise UnsupportedModelError(
+            raise CaptureError(
                 f"{type(model).__name__} can be captured neither by torch.fx symbolic tracing "
                 f"({type(trace_error).__name__}) nor by torch.export "
                 f"({type(export_error).__name__}); fold a traceable submodule instead"

@@ -33,6 +33,7 @@ __all__ = [
     "shape_of",
     "is_bn_module",
     "parametrized",
+    "call_site_name",
 ]
 
 aten = torch.ops.aten
@@ -199,7 +200,8 @@ class BatchNorm:
     Attributes:
         node: the op node; ``out`` is the node carrying its output (``getitem 0`` for aten
             ops returning a tuple) and ``trailing`` any other nodes to erase with it.
-        name: the module path for a BN module, else the fx node name.
+        name: the BN's module path in the user's model (:func:`call_site_name` for a
+            functional or aten call).
         module: the module path when the node is a ``call_module``.
         input: the node the BN normalises.
         training: the BN normalises with batch statistics.
@@ -491,7 +493,7 @@ def as_batchnorm(node: fx.Node, root: nn.Module) -> BatchNorm | None:
     return BatchNorm(
         node=node,
         out=out,
-        name=node.name,
+        name=call_site_name(node, refs["running_mean"]),
         module=None,
         input=args["input"],
         training=training is True,
@@ -505,6 +507,21 @@ def as_batchnorm(node: fx.Node, root: nn.Module) -> BatchNorm | None:
         non_constant=non_constant,
         unsupported=unsupported,
     )
+
+
+def call_site_name(node: fx.Node, mean: ParamRef | None) -> str:
+    """A functional or aten BN named as the user's model names it.
+
+    Its statistics' owner when they are a module's ``running_mean`` (a ``BatchNorm2d``
+    captured by torch.export is ``aten.batch_norm`` on ``layer1.0.bn1.running_mean``: it is
+    ``layer1.0.bn1``, the ``state_dict`` prefix); else the statistics' own ``state_dict``
+    name; else the module the call sits in and the call, ``block.0:batch_norm_2``.
+    """
+    if mean is not None:
+        return mean.owner if mean.attr == "running_mean" and mean.owner else mean.name
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [str(v[0]) for v in stack.values() if isinstance(v, tuple) and v and v[0]]
+    return f"{paths[-1]}:{node.name}" if paths else node.name
 
 
 def flatten_repeat(node: fx.Node, root: nn.Module, src_shape: tuple[int, ...] | None) -> int | None:
