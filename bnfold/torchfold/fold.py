@@ -40,6 +40,7 @@ from bnfold.torchfold.discover import Site, backward_site, forward_site, usage_m
 from bnfold.torchfold.load import load_torch, require_foldable
 from bnfold.torchfold.ops import ParamRef, as_batchnorm, is_bn_module
 from bnfold.torchfold.rewrite import Exact, apply_fold, prune
+from bnfold.torchfold.surgery import surgery_from_graph
 
 __all__ = ["fold_torch", "fold_whole", "fold_file", "fold_graph", "count_batchnorms"]
 
@@ -304,6 +305,14 @@ def fold_whole(
         decisions += _unseen(model, decisions, cap.kind)
     report = FoldReport(model=name, framework="torch", decisions=decisions)
     report.result = _describe(model, cap, folded)
+    if cap.kind == "program" and not cap.from_program and not inplace:
+        own = surgery_from_graph(model, cap.gm, folded, decisions)
+        if own is not None:
+            report.result = (
+                f"{name}, the given model's own class: torch.export captured it (torch.fx "
+                "could not), and every fold was module surgery, applied to a copy"
+            )
+            return own, report
     if _module_result(cap, folded):
         assert cap.root is not None
         if inplace and isinstance(model, nn.Module):
