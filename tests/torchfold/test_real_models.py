@@ -335,3 +335,20 @@ def test_densenet_keeps_bn_relu_conv_with_reasons() -> None:
     assert all(d.code is not None and d.reason for d in report.skipped)
     own, err = float64_error(model, folded, x)
     assert err <= 4 * own + 1e-6
+
+
+def test_frozen_and_sync_batchnormact_fold_and_keep_their_activation() -> None:
+    from timm.layers import convert_sync_batchnorm
+    from timm.layers.norm_act import FrozenBatchNormAct2d, SyncBatchNormAct
+
+    x = torch.randn(X)
+    frozen = randomise_bn_like(ConvBnAct(FrozenBatchNormAct2d(6, act_layer=nn.SiLU)))
+    synced = randomise_bn_like(convert_sync_batchnorm(ConvBnAct(BatchNormAct2d(6))))
+    assert isinstance(synced.bn, SyncBatchNormAct)
+    for model, act in ((frozen, nn.SiLU), (synced, nn.ReLU)):
+        folded, report = fold_torch(model, x)
+        assert report.decisions[0].folded and type(folded.bn) is act
+        own, err = float64_error(model, folded, x)
+        assert err <= 4 * own + 2e-7, (type(model.bn).__name__, own, err)
+    frozen.train()  # a frozen layer never normalises with batch statistics
+    assert fold_torch(frozen, x)[1].decisions[0].folded
