@@ -19,11 +19,18 @@ class FoldReport:
         model: a name for the model (file path or class name).
         framework: ``"onnx"`` or ``"torch"``.
         decisions: one entry per BatchNorm, in graph order.
+        result: what the folded model is, in words (PyTorch: the user's own class, or a traced
+            GraphModule and why), or None where the result type needs no explaining (ONNX).
+        parts: for a PyTorch model that could not be captured whole, one entry per part
+            tried: ``{"path", "status": "folded" | "left", "detail"}`` (how it was captured,
+            or the capture error).
     """
 
     model: str
     framework: str
     decisions: list[FoldDecision] = field(default_factory=list)
+    result: str | None = None
+    parts: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def folded(self) -> list[FoldDecision]:
@@ -45,12 +52,17 @@ class FoldReport:
         }
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "model": self.model,
             "framework": self.framework,
             "summary": self.summary(),
             "decisions": [d.to_dict() for d in self.decisions],
         }
+        if self.result is not None:
+            out["result"] = self.result
+        if self.parts:
+            out["parts"] = [dict(p) for p in self.parts]
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

@@ -10,8 +10,10 @@ Python), which needs ``example_inputs``. Symbolic tracing is preferred because
 - it needs no example input, and costs no compilation;
 - it shows functional ``F.batch_norm`` calls as such.
 
-Conv, ConvTranspose, Linear and BatchNorm modules (subclasses included, e.g. SyncBatchNorm)
-are kept as leaves so that a user subclass is judged as a module rather than traced into.
+Conv, ConvTranspose, Linear and BatchNorm modules (subclasses included, e.g. SyncBatchNorm,
+and the BN-like layers of :mod:`bnfold.torchfold.bnlike`, e.g. timm ``BatchNormAct2d`` and
+``FrozenBatchNorm2d``) are kept as leaves so that a user subclass is judged as a module rather
+than traced into.
 
 A ``torch.fx.GraphModule`` is used as is. A ``torch.export.ExportedProgram`` is unlifted with
 ``program.module()`` (parameters become ``get_attr`` nodes with their ``state_dict`` names),
@@ -31,14 +33,21 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from bnfold.errors import BadInputError, UnsupportedModelError
+from bnfold.torchfold.bnlike import is_bn_like
 
-__all__ = ["Captured", "capture", "as_example"]
+__all__ = ["Captured", "CaptureError", "capture", "as_example"]
 
 Kind = Literal["module", "graph", "program"]
+
+
+class CaptureError(UnsupportedModelError):
+    """An ``nn.Module`` that neither torch.fx nor torch.export could capture whole.
+
+    :mod:`bnfold.torchfold.partial` catches it to fold the subtrees that can be captured.
+    """
 
 
 class _Tracer(fx.Tracer):
@@ -49,7 +58,7 @@ class _Tracer(fx.Tracer):
     """
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (_BatchNorm, _ConvNd, nn.Linear, torch.jit.ScriptModule)):
+        if isinstance(m, (_ConvNd, nn.Linear, torch.jit.ScriptModule)) or is_bn_like(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -173,14 +182,14 @@ def capture(model: Any, example_inputs: Any = None, *, inplace: bool = False) ->
         gm = fx.GraphModule(root, graph, type(root).__name__)
     except Exception as trace_error:
         if example is None:
-            raise UnsupportedModelError(
+            raise CaptureError(
                 f"{type(model).__name__} cannot be traced symbolically ({type(trace_error).__name__}); "
                 "pass example_inputs so bnfold can capture it with torch.export"
             ) from trace_error
         try:
             program = torch.export.export(root, example)
         except Exception as export_error:
-            raise UnsupportedModelError(
+            raise CaptureError(
                 f"{type(model).__name__} can be captured neither by torch.fx symbolic tracing "
                 f"({type(trace_error).__name__}) nor by torch.export "
                 f"({type(export_error).__name__}); fold a traceable submodule instead"

@@ -24,6 +24,7 @@ from torch import fx, nn
 from bnfold import foldmath
 from bnfold.guards import SiteFacts
 from bnfold.sites import Direction
+from bnfold.torchfold.bnlike import input_ranks
 from bnfold.torchfold.ops import BatchNorm, Layer, ParamRef, as_layer, flatten_repeat, shape_of
 
 __all__ = ["Site", "usage_map", "backward_site", "forward_site", "reads_values"]
@@ -77,14 +78,9 @@ def _shared(
 def _bn_ranks(bn: BatchNorm, gm: fx.GraphModule) -> set[int]:
     """Input ranks the BN accepts (its module class checks them at run time)."""
     if bn.module is not None:
-        mod = gm.get_submodule(bn.module)
-        for cls, ranks in (
-            (nn.BatchNorm1d, {2, 3}),
-            (nn.BatchNorm2d, {4}),
-            (nn.BatchNorm3d, {5}),
-        ):
-            if isinstance(mod, cls):
-                return ranks
+        ranks = input_ranks(gm.get_submodule(bn.module))
+        if ranks is not None:
+            return ranks
     return set(range(2, 9))
 
 

@@ -36,14 +36,16 @@ from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.guards import both_sides, check
 from bnfold.report import FoldReport
 from bnfold.sites import Direction, FoldDecision, SkipCode
-from bnfold.torchfold.capture import Captured, capture
+from bnfold.torchfold.bnlike import after_fold
+from bnfold.torchfold.capture import Captured, CaptureError, capture
 from bnfold.torchfold.discover import Site, backward_site, forward_site, usage_map
 from bnfold.torchfold.load import load_torch, require_foldable
 from bnfold.torchfold.ops import ParamRef, as_batchnorm, is_bn_module
 from bnfold.torchfold.reach import ReachSite, apply_reach, reach_site, site_layers
 from bnfold.torchfold.rewrite import Exact, apply_fold, prune
+from bnfold.torchfold.surgery import surgery_from_graph
 
-__all__ = ["fold_torch", "fold_file", "fold_graph", "count_batchnorms"]
+__all__ = ["fold_torch", "fold_whole", "fold_file", "fold_graph", "count_batchnorms"]
 
 
 def _judge(site: Site) -> tuple[SkipCode, str] | None:
@@ -59,6 +61,11 @@ def _site(node: fx.Node, gm: fx.GraphModule, direction: Direction, reach: bool) 
     site = make(bn, gm, uses)
     if reach and site.layer is None:  # through an operation in between, or say what is there
         site = reach_site(bn, gm, uses, direction)
+    if direction is Direction.FORWARD and bn.keeps and site.layer is not None:
+        site.facts.unsupported = site.facts.unsupported or (
+            f"{bn.name} applies its {' and '.join(bn.keeps)} after normalising, so a later "
+            "layer does not read the affine map; only a fold into the layer before it is exact"
+        )
     return site
 
 
@@ -207,7 +214,57 @@ def _transplant(model: nn.Module, root: nn.Module, decisions: list[FoldDecision]
             value = ref.get(root)
             assert isinstance(value, nn.Parameter)
             model.get_submodule(ref.owner).register_parameter(ref.attr, value)
-        model.set_submodule(d.bn, nn.Identity())
+        model.set_submodule(d.bn, after_fold(model.get_submodule(d.bn)))
+
+
+def _unseen(model: nn.Module, decisions: list[FoldDecision], kind: str) -> list[FoldDecision]:
+    """Skip decisions for BN-like modules of ``model`` that the captured graph does not show.
+
+    fx never shows a module the forward does not call; torch.export traces *into* modules, so
+    a ``FrozenBatchNorm2d`` becomes separate multiply/add ops that no BN pattern reads. Both
+    are reported under their module path, so every BN-like layer of the model has a decision.
+    Children of a BN-like layer that has a decision (``SplitBatchNorm2d``'s training-only
+    auxiliary BNs) go with it.
+    """
+    named = {d.bn for d in decisions}
+    out: list[FoldDecision] = []
+    for path, mod in model.named_modules():
+        if not path or not is_bn_module(mod) or path in named:
+            continue
+        if any(path.startswith(p + ".") for p in named | {d.bn for d in out}):
+            continue
+        if kind == "module":
+            why = "the model's forward never calls it, so nothing of it is in the traced graph"
+        else:
+            why = (
+                "torch.export traced into it, and its graph ops are not read as a BatchNorm; "
+                "fold a submodule that torch.fx can trace to keep it whole"
+            )
+        out.append(FoldDecision.skip(path, SkipCode.UNSUPPORTED, why))
+    return out
+
+
+def _describe(model: Any, cap: Captured, folded: list[Site]) -> str:
+    """The result type in words, for the report."""
+    cls = type(model).__name__
+    if isinstance(model, torch.export.ExportedProgram):
+        return "torch.export.ExportedProgram, exported again from the folded graph"
+    if _module_result(cap, folded):
+        return (
+            f"{cls}, the given model's own class: folded layers updated, each folded BN "
+            "replaced by nn.Identity (or by the activation a BN+act layer applied)"
+        )
+    if cap.kind == "graph":
+        return "torch.fx.GraphModule, the given graph rewritten"
+    if cap.kind == "program":
+        return (
+            f"torch.fx.GraphModule captured from {cls} by torch.export (torch.fx could not "
+            "trace it); it accepts the example inputs' shapes only"
+        )
+    return (
+        f"torch.fx.GraphModule traced from {cls}: a fold joined a functional call, which "
+        "only the traced graph can express; parameters keep their state_dict names"
+    )
 
 
 def fold_torch(
@@ -232,6 +289,22 @@ def fold_torch(
     """
     if direction not in ("backward", "forward", "both"):
         raise BadInputError(f"direction must be backward, forward or both, not {direction!r}")
+    try:
+        return fold_whole(model, example_inputs, direction=direction, inplace=inplace)
+    except CaptureError as whole_error:
+        from bnfold.torchfold.partial import fold_parts
+
+        return fold_parts(model, example_inputs, whole_error, direction=direction, inplace=inplace)
+
+
+def fold_whole(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    direction: str = "both",
+    inplace: bool = False,
+) -> tuple[Any, FoldReport]:
+    """:func:`fold_torch` on a model captured whole (raises :class:`CaptureError` otherwise)."""
     # Read the program's dynamic dims before ``capture``: unlifting with ``program.module()``
     # leaves the placeholders' symbolic sizes as expressions no longer keyed by their symbol.
     program = model if isinstance(model, torch.export.ExportedProgram) else None
@@ -239,7 +312,18 @@ def fold_torch(
     cap = capture(model, example_inputs, inplace=inplace)
     decisions, folded = fold_graph(cap.gm, direction)
     name = type(model).__name__
+    if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule):
+        decisions += _unseen(model, decisions, cap.kind)
     report = FoldReport(model=name, framework="torch", decisions=decisions)
+    report.result = _describe(model, cap, folded)
+    if cap.kind == "program" and not cap.from_program and not inplace:
+        own = surgery_from_graph(model, cap.gm, folded, decisions)
+        if own is not None:
+            report.result = (
+                f"{name}, the given model's own class: torch.export captured it (torch.fx "
+                "could not), and every fold was module surgery, applied to a copy"
+            )
+            return own, report
     if _module_result(cap, folded):
         assert cap.root is not None
         if inplace and isinstance(model, nn.Module):
@@ -247,7 +331,9 @@ def fold_torch(
             return model, report
         for site in folded:
             assert site.bn.module is not None
-            cap.root.set_submodule(site.bn.module, nn.Identity())
+            cap.root.set_submodule(
+                site.bn.module, after_fold(cap.root.get_submodule(site.bn.module))
+            )
         return cap.root, report
     prune(cap.gm)
     if cap.from_program:

@@ -18,9 +18,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
+
+from bnfold.torchfold import bnlike
 
 __all__ = [
     "ParamRef",
@@ -32,6 +33,7 @@ __all__ = [
     "shape_of",
     "is_bn_module",
     "parametrized",
+    "call_site_name",
 ]
 
 aten = torch.ops.aten
@@ -198,7 +200,8 @@ class BatchNorm:
     Attributes:
         node: the op node; ``out`` is the node carrying its output (``getitem 0`` for aten
             ops returning a tuple) and ``trailing`` any other nodes to erase with it.
-        name: the module path for a BN module, else the fx node name.
+        name: the BN's module path in the user's model (:func:`call_site_name` for a
+            functional or aten call).
         module: the module path when the node is a ``call_module``.
         input: the node the BN normalises.
         training: the BN normalises with batch statistics.
@@ -207,6 +210,8 @@ class BatchNorm:
         eps: the variance epsilon.
         non_constant: statistics or affine parameters that are not stored tensors.
         unsupported: why this BN cannot be folded whatever its neighbours, or None.
+        keeps: children of a BN-like module that run after its affine map (timm
+            ``BatchNormAct2d``: ``drop``, ``act``) and stay in its place when it is folded.
     """
 
     node: fx.Node
@@ -224,6 +229,7 @@ class BatchNorm:
     trailing: list[fx.Node] = field(default_factory=list)
     non_constant: list[str] = field(default_factory=list)
     unsupported: str | None = None
+    keeps: list[str] = field(default_factory=list)
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
@@ -260,7 +266,8 @@ def _own_forward(module: nn.Module, base: type) -> bool:
 
 
 def is_bn_module(module: nn.Module) -> bool:
-    return isinstance(module, _BatchNorm)
+    """A BatchNorm or BN-like module (see :mod:`bnfold.torchfold.bnlike`), known or refused."""
+    return bnlike.is_bn_like(module)
 
 
 def _tensor_arg(value: Any, name: str, non_constant: list[str]) -> ParamRef | None:
@@ -442,27 +449,26 @@ def as_batchnorm(node: fx.Node, root: nn.Module) -> BatchNorm | None:
         if not is_bn_module(mod):
             return None
         path = str(node.target)
-        stats = mod.running_mean is not None and mod.running_var is not None
-        unsupported = parametrized(mod)
-        if not _own_forward(mod, _BatchNorm):
-            unsupported = (
-                f"{type(mod).__name__} overrides forward, so its output is not known to be "
-                "the BatchNorm affine map"
-            )
+        spec = bnlike.spec_of(mod)
+        mean, var = getattr(mod, "running_mean", None), getattr(mod, "running_var", None)
+        stats = isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)
+        gamma, beta = getattr(mod, "weight", None), getattr(mod, "bias", None)
+        unsupported = bnlike.refusal(mod) or parametrized(mod)
         return BatchNorm(
             node=node,
             out=node,
             name=path,
             module=path,
             input=_module_input(node),
-            training=bool(mod.training),
+            training=bool(mod.training) and not (spec is not None and spec.frozen),
             running_stats=stats,
             mean=ParamRef(path, "running_mean") if stats else None,
             var=ParamRef(path, "running_var") if stats else None,
-            gamma=ParamRef(path, "weight") if mod.weight is not None else None,
-            beta=ParamRef(path, "bias") if mod.bias is not None else None,
-            eps=float(mod.eps),  # type: ignore[arg-type]
+            gamma=ParamRef(path, "weight") if isinstance(gamma, torch.Tensor) else None,
+            beta=ParamRef(path, "bias") if isinstance(beta, torch.Tensor) else None,
+            eps=float(getattr(mod, "eps", 1e-5)),
             unsupported=unsupported,
+            keeps=bnlike.kept_after(mod),
         )
     if node.op != "call_function" or node.target not in _BN_FUNCTIONS:
         return None
@@ -487,7 +493,7 @@ def as_batchnorm(node: fx.Node, root: nn.Module) -> BatchNorm | None:
     return BatchNorm(
         node=node,
         out=out,
-        name=node.name,
+        name=call_site_name(node, refs["running_mean"]),
         module=None,
         input=args["input"],
         training=training is True,
@@ -501,6 +507,21 @@ def as_batchnorm(node: fx.Node, root: nn.Module) -> BatchNorm | None:
         non_constant=non_constant,
         unsupported=unsupported,
     )
+
+
+def call_site_name(node: fx.Node, mean: ParamRef | None) -> str:
+    """A functional or aten BN named as the user's model names it.
+
+    Its statistics' owner when they are a module's ``running_mean`` (a ``BatchNorm2d``
+    captured by torch.export is ``aten.batch_norm`` on ``layer1.0.bn1.running_mean``: it is
+    ``layer1.0.bn1``, the ``state_dict`` prefix); else the statistics' own ``state_dict``
+    name; else the module the call sits in and the call, ``block.0:batch_norm_2``.
+    """
+    if mean is not None:
+        return mean.owner if mean.attr == "running_mean" and mean.owner else mean.name
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [str(v[0]) for v in stack.values() if isinstance(v, tuple) and v and v[0]]
+    return f"{paths[-1]}:{node.name}" if paths else node.name
 
 
 def flatten_repeat(node: fx.Node, root: nn.Module, src_shape: tuple[int, ...] | None) -> int | None:

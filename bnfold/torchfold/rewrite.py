@@ -4,7 +4,9 @@ The arithmetic is not here: parameters go to numpy float64, through ``fold_backw
 ``fold_forward``, and come back rounded once by ``round_to`` to the dtype the layer stores
 (bfloat16 via float32, which represents every bfloat16 exactly). New tensors *replace* the
 old ones (never an in-place write), so a tensor object the caller still holds keeps its
-values. The BN's output is then rewired to its input and the BN nodes are erased.
+values. The BN's output is then rewired to its input and the BN nodes are erased; a BN-like
+layer with an activation after its affine map keeps its call, with the module at its path
+replaced by what stays (:func:`bnfold.torchfold.bnlike.after_fold`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import fx, nn
 
 from bnfold import foldmath
 from bnfold.sites import Direction, FoldDecision
+from bnfold.torchfold.bnlike import after_fold
 from bnfold.torchfold.discover import Site
 from bnfold.torchfold.ops import Layer, ParamRef
 
@@ -165,10 +168,16 @@ def apply_fold(
     origin[w_name] = _unique(w_sources)
     origin[bias_ref.name] = _unique(b_sources)
     tensor = bn.out.name if site.direction is Direction.BACKWARD else layer.node.name
-    bn.out.replace_all_uses_with(bn.input)  # type: ignore[arg-type]
-    for node in dict.fromkeys([*bn.trailing, bn.out, bn.node]):
-        if node.graph is gm.graph and not node.users:
-            gm.graph.erase_node(node)
+    if bn.keeps:
+        # A BN+activation layer: its call stays, now running only what follows the affine map
+        # (guards allow this backward only, where that part reads the folded layer's output).
+        assert bn.module is not None
+        gm.set_submodule(bn.module, after_fold(gm.get_submodule(bn.module)))
+    else:
+        bn.out.replace_all_uses_with(bn.input)  # type: ignore[arg-type]
+        for node in dict.fromkeys([*bn.trailing, bn.out, bn.node]):
+            if node.graph is gm.graph and not node.users:
+                gm.graph.erase_node(node)
     return FoldDecision.fold(
         bn.name,
         site.direction,
