@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the digits demo needs scikit-learn (test extra)")
 
-from bench import demo_digits  # noqa: E402
+from bench import demo_digits
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,9 @@ def test_every_bn_folds_including_the_one_after_the_activation(result):
 def test_training_worked_and_recalibration_repairs_the_input_shift(result):
     assert result.rows[0].accuracy > 0.85
     stale = next(r for r in result.rows if r.state.startswith("input shift") and "stale" in r.state)
-    fresh = next(r for r in result.rows if r.state.startswith("input shift") and "bnfold" in r.state)
+    fresh = next(
+        r for r in result.rows if r.state.startswith("input shift") and "bnfold" in r.state
+    )
     assert fresh.accuracy > stale.accuracy + 0.03
 
 
