@@ -290,7 +290,28 @@ def run_demo(
     plot: bool = True,
     repeats: int = 200,
 ) -> DemoResult:
-    """Train, recalibrate, fold, export, perturb, recalibrate; measure. Writes into ``out``."""
+    """Train, recalibrate, fold, export, perturb, recalibrate; measure. Writes into ``out``.
+
+    Runs on one thread: the network is tiny, and on a shared machine OpenMP workers spinning
+    for their share of each small op cost far more than they bring.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(out, epochs, batch_size, seed, latency, plot, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(
+    out: Path | None,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    latency: bool,
+    plot: bool,
+    repeats: int,
+) -> DemoResult:
     start = time.perf_counter()
     torch.manual_seed(seed)
     xtr, ytr, xte, yte = load_digits(seed)

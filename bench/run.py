@@ -14,7 +14,9 @@ Sections (each one a script of ``bench/`` that also runs alone):
 3. Recalibration (``bench/recalibrate.py``): statistics error vs a float64 oracle and
    throughput vs a bare forward, beside ``swa_utils.update_bn`` and fvcore's precise BN.
 4. Verification cost (``bench/verify.py``) next to the bare onnxruntime runs it needs.
-5. CUDA: ``bnfold.verify`` and latency on onnxruntime's CUDA provider, where it exists
+5. The digits demonstration (``bench/demo_digits.py``): accuracy through recalibration,
+   folding, export and stale statistics, on real data; its PNG and tables in ``<out>/demo``.
+6. CUDA: ``bnfold.verify`` and latency on onnxruntime's CUDA provider, where it exists
    (reported 'not available' otherwise).
 
 Models: the ``bnfold.models`` zoo (random weights, randomised BN statistics) and, when
@@ -41,7 +43,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import common, onnx_peers, recalibrate, torch_fold, verify
+from bench import common, demo_digits, onnx_peers, recalibrate, torch_fold, verify
 from bnfold.models import build, names
 
 # Architectures of torchvision / timm measured when they import (random weights: no download).
@@ -118,6 +120,11 @@ def model_list(args: argparse.Namespace) -> tuple[list[tuple[str, Callable[[], A
     return models, notes
 
 
+def _heavy(model: torch.nn.Module) -> bool:
+    """Over 5M parameters: fewer timing rounds, so the whole suite fits 15 min on 2 cores."""
+    return sum(p.numel() for p in model.parameters()) > 5_000_000
+
+
 def section(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
     """Run one section; a failure is recorded (and printed) and the suite goes on."""
     t0 = time.perf_counter()
@@ -140,14 +147,15 @@ def onnx_section(models: list[tuple[str, Callable[[], Any]]], quick: bool) -> li
         print(f"  onnx: {name}", file=sys.stderr, flush=True)
         try:
             model, x, limit = make()
+            heavy = _heavy(model)
             out.append(
                 onnx_peers.coverage(
                     name,
                     model,
                     x,
                     limit,
-                    repeat=1 if quick else 3,
-                    latency_rounds=5 if quick else 20,
+                    repeat=1 if quick else 2 if heavy else 3,
+                    latency_rounds=5 if quick or heavy else 20,
                 )
             )
             if name == "resnet-mini" and not quick:  # the exporter that hides bias constants
@@ -170,7 +178,8 @@ def torch_section(models: list[tuple[str, Callable[[], Any]]], quick: bool) -> d
             print(f"  torch: {name}", file=sys.stderr, flush=True)
             try:
                 model, x, limit = make()
-                rows.append(torch_fold.model_row(name, model, x, limit, 5 if quick else 30))
+                repeats = 5 if quick or _heavy(model) else 30
+                rows.append(torch_fold.model_row(name, model, x, limit, repeats))
             except Exception as e:
                 rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         result: dict[str, Any] = {"zoo": rows}
@@ -202,10 +211,25 @@ def recalib_section(quick: bool) -> dict[str, Any]:
 
 def verify_section(quick: bool) -> dict[str, Any]:
     result = (
-        verify.measure("resnet-mini", 2, 1, 1) if quick else verify.measure("resnet50", 8, 1, 3)
+        verify.measure("resnet-mini", 2, 1, 1) if quick else verify.measure("resnet50", 4, 1, 2)
     )
     result.pop("report")
     return result
+
+
+def demo_section(out: Path, quick: bool) -> dict[str, Any]:
+    if common.installed("sklearn", "scikit-learn") is None:
+        return {"status": "not installed (scikit-learn)"}
+    res = demo_digits.run_demo(
+        out / "demo",
+        epochs=1 if quick else 6,
+        repeats=30 if quick else 200,
+        plot=not quick and common.installed("matplotlib") is not None,
+    )
+    problems = demo_digits.check_identical(res)
+    if problems:
+        raise AssertionError("; ".join(problems))
+    return {**res.to_dict(), "files": res.files}
 
 
 def cuda_section() -> dict[str, Any]:
@@ -504,6 +528,11 @@ def markdown(results: dict[str, Any]) -> str:
             f"{v['bare_s']:.2f} s of bare onnxruntime sessions and runs: {v['ratio']:.2f}x; "
             f"passed={v['passed']}, max abs {v['max_abs']:.2e}, SQNR {v['sqnr_db']:.1f} dB\n"
         )
+    d = results.get("demo")
+    if isinstance(d, dict) and "rows" in d:
+        parts.append("### Digits demonstration\n\n" + demo_digits.markdown(_demo_result(d)))
+    elif isinstance(d, dict):
+        parts.append(f"### Digits demonstration\n\n{d.get('status', d.get('error'))}\n")
     c = results.get("cuda")
     if isinstance(c, dict):
         parts.append(f"### CUDA\n\n{c.get('status', c.get('error'))}")
@@ -517,6 +546,12 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _demo_result(d: dict[str, Any]) -> demo_digits.DemoResult:
+    return demo_digits.DemoResult(
+        rows=[demo_digits.Row(**r) for r in d["rows"]], latency=d["latency"], fold=d["fold"]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one small model, few repeats (CI smoke)")
@@ -525,8 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-real", action="store_true", help="skip torchvision/timm models")
     ap.add_argument(
         "--sections",
-        default="onnx,torch,recalibration,verify,cuda",
-        help="comma-separated subset of: onnx, torch, recalibration, verify, cuda",
+        default="onnx,torch,recalibration,verify,demo,cuda",
+        help="comma-separated subset of: onnx, torch, recalibration, verify, demo, cuda",
     )
     args = ap.parse_args(argv)
     out = args.out or common.RESULTS_DIR / ("suite-quick" if args.quick else "suite")
@@ -541,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         section(results, "recalibration", lambda: recalib_section(args.quick))
     if "verify" in chosen:
         section(results, "verify", lambda: verify_section(args.quick))
+    if "demo" in chosen:
+        section(results, "demo", lambda: demo_section(out, args.quick))
     if "cuda" in chosen:
         section(results, "cuda", cuda_section)
     md = markdown(results)
