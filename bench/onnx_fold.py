@@ -31,25 +31,15 @@ prints the BNs each leaves and its max relative error against the unfolded model
 from __future__ import annotations
 
 import argparse
-import gc
+import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import onnx
 
-
-def _best(fn: Callable[[], object], repeat: int) -> float:
-    """Best wall time of ``repeat`` calls, in seconds (first-call effects excluded by min)."""
-    times = []
-    for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import best_time as _best
 
 
 def _bn_left(path: Path) -> int:

@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.optim.swa_utils import update_bn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bnfold
+from bench.common import best_time, installed, interleaved, paired_ratio, pin_allocator
 from bnfold.models import build
 
 
@@ -68,7 +70,8 @@ def class_ordered(n: int, shape: tuple[int, ...], gen: torch.Generator, bs: int)
     return x
 
 
-def error_table(model_name: str, batches: int, bs: int) -> None:
+def error_table(model_name: str, batches: int, bs: int) -> list[dict[str, Any]]:
+    """Max relative error of the first BN's mean and variance vs the float64 oracle, per tool."""
     model, example = build(model_name)
     shape = tuple(example.shape[1:])
     gen = torch.Generator().manual_seed(0)
@@ -77,6 +80,7 @@ def error_table(model_name: str, batches: int, bs: int) -> None:
         f"{batches} batches of {bs})"
     )
     print(f"{'data':<16}{'tool':<34}{'max rel err mean':>18}{'max rel err var':>18}")
+    out: list[dict[str, Any]] = []
     for data_name in ("correlated", "class-ordered"):
         n = batches * bs
         x = (
@@ -96,66 +100,44 @@ def error_table(model_name: str, batches: int, bs: int) -> None:
         m = copy.deepcopy(model)
         update_bn(data, m)
         rows.append(("swa_utils.update_bn", m))
+        if installed("fvcore") is not None:
+            m = copy.deepcopy(model)
+            fvcore_precise_bn(m, data)
+            rows.append(("fvcore precise BN", m))
+        else:
+            out.append({"data": data_name, "tool": "fvcore precise BN", "status": "not installed"})
         for tool, mm in rows:
             bn = next(b for b in mm.modules() if isinstance(b, torch.nn.BatchNorm2d))
             em = np.max(np.abs(bn.running_mean.double().numpy() - mean) / np.abs(mean))
             ev = np.max(np.abs(bn.running_var.double().numpy() - var) / var)
             print(f"{data_name:<16}{tool:<34}{em:>18.3e}{ev:>18.3e}")
+            out.append({"data": data_name, "tool": tool, "mean_err": em, "var_err": ev})
+    return out
 
 
-def pin_allocator() -> bool:
-    """Keep freed activation memory in the process (glibc only); returns whether it applied.
-
-    glibc serves large allocations with mmap below a threshold it raises dynamically as blocks
-    are freed, so whether each ResNet activation costs fresh page faults depends on what the
-    process allocated before. On the 2-core reference machine that alone moves a bare forward
-    between 180 and 300 ms. Fixing the mmap and trim thresholds takes that history out, so
-    every run is timed in the same (fault-free) state.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
-
-
-def timed(fn, repeats: int) -> float:
+def timed(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_time(fn, repeats)
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Times of each run over ``repeats`` rounds, the runs taking turns within a round.
+def fvcore_precise_bn(model: torch.nn.Module, data: Any) -> None:
+    """fvcore's precise BN: equal-weight average of per-batch statistics, like update_bn."""
+    from fvcore.nn.precise_bn import update_bn_stats
 
-    Taking turns exposes every run to the same slow phases of a shared machine, so the ratio of
-    two runs within one round is stable where back-to-back timing of one run, then the next,
-    drifts by 10% or more; the tables report the median of those per-round ratios.
-    """
-    for fn in runs.values():
-        fn()  # warm-up (first-call compilation, allocator growth)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def paired_ratio(limit: list[float], run: list[float]) -> float:
-    """Median over rounds of ``limit / run`` (speed relative to the limit)."""
-    return statistics.median(a / b for a, b in zip(limit, run, strict=True))
+    batches = [b[0] if isinstance(b, (list, tuple)) else b for b in data]
+    # fvcore updates only BNs in training mode (it leaves an eval-mode model untouched).
+    was_training = model.training
+    model.train()
+    try:
+        update_bn_stats(model, batches, num_iters=len(batches))
+    finally:
+        model.train(was_training)
 
 
 def throughput_table(
     model_name: str, batches: int, bs: int, repeats: int, population: bool = True
-) -> None:
+) -> list[dict[str, Any]]:
+    """Samples/s and speed relative to a bare forward (median of per-round ratios), per run."""
     model, example = build(model_name)
     gen = torch.Generator().manual_seed(1)
     data = [torch.randn(bs, *example.shape[1:], generator=gen) for _ in range(batches)]
@@ -176,6 +158,9 @@ def throughput_table(
         "batch": lambda: bnfold.recalibrate(m_b, loader, mode="batch", progress=False),
         "update_bn": lambda: update_bn(loader, m_upd),
     }
+    if installed("fvcore") is not None:
+        m_fv = copy.deepcopy(model)
+        runs["fvcore"] = lambda: fvcore_precise_bn(m_fv, loader)
     passes = 0
     if population:
         passes = bnfold.recalibrate(copy.deepcopy(model), loader, progress=False).passes
@@ -193,17 +178,24 @@ def throughput_table(
         ("bnfold mode=batch (one pass)", times["batch"]),
         ("swa_utils.update_bn (one pass)", times["update_bn"]),
     ]
+    if "fvcore" in times:
+        rows.append(("fvcore precise BN (one pass)", times["fvcore"]))
     if population:
         rows += [
             (f"bnfold mode=population ({passes} passes)", times["population"]),
             ("bnfold mode=population, mean pass", [t / passes for t in times["population"]]),
         ]
+    out = []
     for name, t in rows:
         ratio = paired_ratio(times["bare"], t)
         print(f"{name:<40}{samples / min(t):>12.1f}{ratio:>17.2f}x")
+        out.append({"run": name, "samples_per_s": samples / min(t), "vs_bare": ratio})
+    if "fvcore" not in times:
+        out.append({"run": "fvcore precise BN (one pass)", "status": "not installed"})
+    return out
 
 
-def onnx_table(model_name: str, batches: int, bs: int) -> None:
+def onnx_table(model_name: str, batches: int, bs: int) -> dict[str, float]:
     import onnx_graphsurgeon as gs
 
     model, example = build(model_name)
@@ -223,6 +215,7 @@ def onnx_table(model_name: str, batches: int, bs: int) -> None:
     print(f"{'step':<44}{'seconds':>10}")
     print(f"{'graphsurgeon import+export (once per pass)':<44}{t_gs:>10.4f}")
     print(f"{'whole recalibration (one pass)':<44}{t_run:>10.4f}")
+    return {"graphsurgeon_s": t_gs, "recalibration_s": t_run}
 
 
 def main() -> None:

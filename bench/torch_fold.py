@@ -24,45 +24,40 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import installed, interleaved, medians_ms, rel_err
 from bnfold.models import build, names
 from bnfold.torchfold import count_batchnorms, fold_torch
 
 
-def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref64, out64 = ref.detach().double(), out.detach().double()
-    return float((ref64 - out64).abs().max() / ref64.abs().max().clamp_min(1e-30))
-
-
 def median_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Median wall time per call of each function, measured round-robin (same conditions)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.inference_mode():
-        for fn in fns.values():  # warm-up
-            for _ in range(3):
-                fn()
-        for _ in range(repeats):
-            for key, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        return medians_ms(interleaved(fns, repeats, warmup=3))
 
 
 def peer(
     fuser: Callable[[nn.Module], nn.Module], model: nn.Module, x: torch.Tensor
 ) -> tuple[str, str]:
     """(BN left, max rel error) of a peer fuser, or the exception it raised."""
+    left, err, _ = peer_model(fuser, model, x)
+    return left, err
+
+
+def peer_model(
+    fuser: Callable[[nn.Module], nn.Module], model: nn.Module, x: torch.Tensor
+) -> tuple[str, str, nn.Module | None]:
+    """(BN left, max rel error, fused model) of a peer fuser, or the exception it raised."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -70,7 +65,7 @@ def peer(
             with torch.no_grad():
                 err = rel_err(model(x), fused(x))
     except Exception as e:
-        return "error", type(e).__name__
+        return "error", type(e).__name__, None
     left = sum(isinstance(m, _BatchNorm) for m in fused.modules()) + count_batchnorms(fused)
     if isinstance(fused, torch.fx.GraphModule):  # count_batchnorms saw the BN modules called
         left -= sum(
@@ -78,7 +73,7 @@ def peer(
             for n in fused.graph.nodes
             if n.op == "call_module" and isinstance(fused.get_submodule(str(n.target)), _BatchNorm)
         )
-    return str(left), f"{err:.1e}"
+    return str(left), f"{err:.1e}", fused
 
 
 def fx_fuse(model: nn.Module) -> nn.Module:
@@ -93,36 +88,73 @@ def ao_fuse_fx(model: nn.Module) -> nn.Module:
     return fuse_fx(model)
 
 
+def timm_reparameterize(model: nn.Module) -> nn.Module:
+    """timm's deployment-time rewrite (``reparameterize_model``: fuses what timm blocks offer)."""
+    from timm.utils.model import reparameterize_model
+
+    return reparameterize_model(model, inplace=True)
+
+
+# name -> (module that must import, fuser); a peer that does not import is 'not installed'.
+PEERS: dict[str, tuple[str, Callable[[nn.Module], nn.Module]]] = {
+    "fx fuse": ("torch.fx.experimental.optimization", fx_fuse),
+    "fuse_fx": ("torch.ao.quantization.quantize_fx", ao_fuse_fx),
+    "timm reparameterize": ("timm", timm_reparameterize),
+}
+
+
+def model_row(
+    name: str, model: nn.Module, x: torch.Tensor, limit: nn.Module | None, repeats: int
+) -> dict[str, Any]:
+    """BN left, max rel error and eager latency (1 thread) of bnfold and every installed peer.
+
+    Latency is measured interleaved for the original, bnfold's fold, each peer's output that
+    ran, and the no-BN network (the limit); ratios are to the original.
+    """
+    folded, report = fold_torch(model, x)
+    with torch.no_grad():
+        err = rel_err(model(x), folded(x))
+    peers: dict[str, dict[str, Any]] = {}
+    runs: dict[str, Callable[[], Any]] = {
+        "original": lambda m=model, x=x: m(x),
+        "bnfold": lambda m=folded, x=x: m(x),
+    }
+    if limit is not None:
+        runs["no-bn"] = lambda m=limit, x=x: m(x)
+    for peer_name, (module, fuser) in PEERS.items():
+        if installed(module, module.split(".")[0]) is None:
+            peers[peer_name] = {"status": "not installed"}
+            continue
+        left, perr, fused = peer_model(fuser, model, x)
+        peers[peer_name] = {"bn_left": left, "max_rel_err": perr}
+        if fused is not None:
+            runs[peer_name] = lambda m=fused, x=x: m(x)
+    ms = median_ms(runs, repeats)
+    for peer_name, entry in peers.items():
+        if peer_name in ms:
+            entry["ratio"] = ms[peer_name] / ms["original"]
+    return {
+        "model": name,
+        "bn": len(report.decisions),
+        "original_ms": ms["original"],
+        "bnfold_ratio": ms["bnfold"] / ms["original"],
+        "limit_ratio": ms["no-bn"] / ms["original"] if "no-bn" in ms else None,
+        "bnfold_left": count_batchnorms(folded),
+        "bnfold_reasons": report.summary()["skipped_by_code"],
+        "bnfold_err": f"{err:.1e}",
+        "fuse": (peers["fx fuse"].get("bn_left", "-"), peers["fx fuse"].get("max_rel_err", "-")),
+        "fuse_fx": (peers["fuse_fx"].get("bn_left", "-"), peers["fuse_fx"].get("max_rel_err", "-")),
+        "peers": peers,
+    }
+
+
 def zoo_rows(models: list[str], repeats: int) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     rows = []
     for name in models:
         model, x = build(name)
         limit, _ = build(name, bn=False)
-        folded, report = fold_torch(model, x)
-        with torch.no_grad():
-            err = rel_err(model(x), folded(x))
-        ms = median_ms(
-            {
-                "original": lambda m=model, x=x: m(x),
-                "bnfold": lambda m=folded, x=x: m(x),
-                "no-bn": lambda m=limit, x=x: m(x),
-            },
-            repeats,
-        )
-        rows.append(
-            {
-                "model": name,
-                "bn": len(report.decisions),
-                "original_ms": ms["original"],
-                "bnfold_ratio": ms["bnfold"] / ms["original"],
-                "limit_ratio": ms["no-bn"] / ms["original"],
-                "bnfold_left": count_batchnorms(folded),
-                "bnfold_err": f"{err:.1e}",
-                "fuse": peer(fx_fuse, model, x),
-                "fuse_fx": peer(ao_fuse_fx, model, x),
-            }
-        )
+        rows.append(model_row(name, model, x, limit, repeats))
         print(f"  {name} done", file=sys.stderr)
     return rows
 
