@@ -34,6 +34,7 @@ import argparse
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -310,47 +311,32 @@ def _pattern_modules() -> dict[str, tuple[object, object]]:
 
 
 def _peers() -> dict[str, Callable[[onnx.ModelProto], onnx.ModelProto] | None]:
-    """Each peer's fold as ``ModelProto -> ModelProto``, or None when it is not installed."""
-    peers: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto] | None] = {}
+    """Each peer's fold as ``ModelProto -> ModelProto``, or None when it is not installed.
 
-    def ort_basic(m: onnx.ModelProto) -> onnx.ModelProto:
-        import onnxruntime as ort
+    The passes are the suite's (:mod:`bench.onnx_peers`), plus onnxscript's BatchNorm rules
+    on their own (the suite runs its whole optimizer).
+    """
+    from bench import onnx_peers
 
-        with tempfile.TemporaryDirectory() as d:
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            so.optimized_model_filepath = str(Path(d) / "ort.onnx")
-            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            return onnx.load(so.optimized_model_filepath)
-
-    peers["onnxruntime basic"] = ort_basic
-    try:
-        import onnxoptimizer
-
-        peers["onnxoptimizer"] = lambda m: onnxoptimizer.optimize(m, ["fuse_bn_into_conv"])
-    except ImportError:
-        peers["onnxoptimizer"] = None
-    try:
+    def rules() -> Callable[[onnx.ModelProto], onnx.ModelProto]:
         from onnxscript import rewriter
         from onnxscript.rewriter.rules.common import _fuse_batchnorm
 
-        peers["onnxscript rules"] = lambda m: rewriter.rewrite(
-            m, pattern_rewrite_rules=_fuse_batchnorm.rules
-        )
-    except ImportError:
-        peers["onnxscript rules"] = None
-    try:
-        import onnxsim
+        return lambda m: rewriter.rewrite(m, pattern_rewrite_rules=_fuse_batchnorm.rules)
 
-        peers["onnxsim"] = lambda m: onnxsim.simplify(m)[0]
-    except ImportError:
-        peers["onnxsim"] = None
-    try:
-        import onnxslim
-
-        peers["onnxslim"] = lambda m: onnxslim.slim(m)
-    except ImportError:
-        peers["onnxslim"] = None
+    makers = {
+        "onnxruntime basic": onnx_peers._ort_basic,
+        "onnxoptimizer": onnx_peers._onnxoptimizer,
+        "onnxscript rules": rules,
+        "onnxsim": onnx_peers._onnxsim,
+        "onnxslim": onnx_peers._onnxslim,
+    }
+    peers: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto] | None] = {}
+    for name, make in makers.items():
+        try:
+            peers[name] = make()
+        except ImportError:
+            peers[name] = None
     return peers
 
 
