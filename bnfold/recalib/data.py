@@ -206,15 +206,18 @@ class Replay:
         *,
         num_samples: int | None = None,
         num_batches: int | None = None,
+        started: Iterator[Any] | None = None,
     ) -> None:
+        """``started``: the budgeted batches of a first read of ``data`` already under way
+        (the level probe took its first batch from it); it is continued, not read again."""
         self._data = data
         self._budget = budget_bytes
         self._limits = {"num_samples": num_samples, "num_batches": num_batches}
-        self._live: Iterator[Any] | None = None
+        self._live: Iterator[Any] | None = started
         self._kept: list[Any] | None = []
         self._bytes = 0
         self._done = False
-        self._source_passes = 0
+        self._source_passes = 0 if started is None else 1
 
     def _fresh(self) -> Iterator[Any]:
         if self._source_passes and isinstance(self._data, Iterator):
