@@ -116,8 +116,9 @@ class FrontierPlan:
     measured: dict[int, list[tuple[fx.Node, int]]]
     order: list[fx.Node]
     passes: int
-    #: every node a BN input depends on, and the graph inputs
-    needed: set[fx.Node]
+    #: the nodes whose inputs a later pass reads: those a BN input depends on, the graph
+    #: inputs, and the measured BN calls themselves
+    readers: set[fx.Node]
     _runs: dict[tuple[int, int], tuple[list[fx.Node], list[list[fx.Node]]]] = field(
         default_factory=dict
     )
@@ -130,7 +131,7 @@ class FrontierPlan:
                 u
                 for u in self.placeholders + self.order
                 if self.segment[u] <= k
-                and any(self.segment.get(v, -1) > k for v in u.users if v in self.needed)
+                and any(self.segment.get(v, -1) > k for v in u.users if v in self.readers)
             ]
         return self._live[k]
 
@@ -352,5 +353,5 @@ def plan_frontier(
         measured=measured,
         order=order,
         passes=max(measured, default=0),
-        needed=needed | set(placeholders),
+        readers=needed | set(placeholders) | set(bn_site),
     )
