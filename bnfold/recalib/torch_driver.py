@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import BadInputError, RecalibrationError
-from bnfold.recalib.data import _clone, iter_budget, to_device
+from bnfold.recalib.data import _clone, cast_for_model, iter_budget, to_device
 from bnfold.recalib.dist import dist_sum, dist_world
 from bnfold.recalib.frontier_plan import FrontierPlan, plan_frontier
 from bnfold.recalib.frontier_run import FrontierRun
@@ -193,6 +193,13 @@ def _population_mode(
     report.strategy_note = ", ".join(where)
 
 
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in itertools.chain(model.parameters(), model.buffers()):
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
 def recalibrate_torch(
     model: Any, data: Iterable[Any], options: Options | None = None
 ) -> RecalibrationReport:
@@ -213,6 +220,7 @@ def recalibrate_torch(
             "the model has no BatchNorm with running statistics; nothing to recalibrate"
         )
     dev = torch.device(options.device) if options.device is not None else model_device(model)
+    data = cast_for_model(data, _float_dtype(model))
     snapshot(sites)
     flags = {m: m.training for m in model.modules()}
     tracking = {
