@@ -304,9 +304,18 @@ def recalibrate_onnx(
     result = copy.deepcopy(model)
     sites, skipped = _find_sites(result, options.estimator)
     if not sites:
+        has_bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
+        hint = (
+            ""
+            if has_bn
+            else " (exporters often fold BNs into the convolutions already: export with the "
+            "BNs kept, e.g. torch.onnx.export(..., do_constant_folding=False) or "
+            "optimize=False, or recalibrate the PyTorch model with bnfold.recalibrate before "
+            "exporting)"
+        )
         raise BadInputError(
             "the ONNX model has no inference BatchNormalization with initializer statistics; "
-            "nothing to recalibrate"
+            f"nothing to recalibrate{hint}"
         )
     batch_stats = options.mode == "batch"
     if batch_stats:
