@@ -192,3 +192,19 @@ def test_progress_prints_a_plain_line_per_pass_off_a_terminal(capsys):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "recalibrating (pass" in line]
     assert len(lines) == r.passes and all("2 batch(es)" in line for line in lines)
+
+
+def test_forward_fn_and_exported_program_use_the_frontier():
+    model, _ = build("conv1d")
+    data = [torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    _r, r = _both(model, [{"pix": x} for x in data], forward_fn=lambda m, b: m(b["pix"]))
+    assert r.strategy == "frontier"
+    # a forward_fn that reaches into the model cannot be replayed on the graph
+    _r, r = _both(model, data, forward_fn=lambda m, b: m.forward(b))
+    assert r.strategy == "per-level" and "bind" in r.strategy_note
+    ep = torch.export.export(model, (data[0],))
+    r_ep = bnfold.recalibrate(ep, data, progress=False)
+    r_pl = bnfold.recalibrate(torch.export.export(model, (data[0],)), data, strategy="per-level")
+    assert r_ep.strategy == "frontier", r_ep.strategy_note
+    for k, v in _stats(r_pl.model).items():
+        assert torch.equal(_stats(r_ep.model)[k], v), k
