@@ -21,6 +21,8 @@ Three tables:
 4. The ONNX driver's cost of building its probe copy with onnx-graphsurgeon, next to running
    onnxruntime over the same data (``mode="batch"``: one probe copy, one pass).
 
+``--model`` takes a ``models/`` name or ``torchvision:resnet18`` (any torchvision model name).
+
 Run: ``python bench/recalibrate.py [--model resnet-mini] [--batches 16] [--batch-size 64]
 [--threads 1] [--no-population]``. ``BNFOLD_NO_JIT=1`` times the torch fallback instead of the
 compiled moment kernels.
@@ -40,7 +42,19 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 import bnfold
-from bnfold.models import build
+from bnfold.models import build as build_reference
+
+
+def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A ``models/`` net, or ``torchvision:<name>`` (random weights, eval mode, 224x224
+    example; torchvision must import beside torch)."""
+    if not name.startswith("torchvision:"):
+        return build_reference(name)
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name.split(":", 1)[1], weights=None).eval()
+    return model, torch.randn(1, 3, 224, 224)
 
 
 def oracle_var(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
