@@ -107,6 +107,8 @@ class FrontierPlan:
     """The captured graph cut into segments, and what each pass runs, measures and keeps."""
 
     root: nn.Module
+    #: the module the user called: its forward pre-hooks run before every batch
+    caller: nn.Module
     placeholders: list[fx.Node]
     bind: Callable[[tuple[Any, ...], dict[str, Any]], list[Any]]
     segment: dict[fx.Node, int]
@@ -202,6 +204,17 @@ def _fresh(node: fx.Node, modules: dict[fx.Node, nn.Module]) -> bool:
     return False
 
 
+def _impure(node: fx.Node) -> bool:
+    try:
+        return bool(node.is_impure())
+    except Exception:
+        return True
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 def _capture(model: nn.Module, runner: nn.Module) -> tuple[fx.Graph, nn.Module, dict[str, Any]]:
     """The graph to run, the module its targets resolve on, and trace-time tensor constants."""
     if isinstance(runner, fx.GraphModule):
@@ -288,6 +301,11 @@ def plan_frontier(
             consts[node] = obj
         elif node.op == "placeholder":
             placeholders.append(node)
+    called = {id(m) for m in modules.values()}
+    for name, sub in root.named_modules():
+        # tracing goes through a module's forward, not its __call__: its hooks would not run
+        if sub is not root and id(sub) not in called and _has_hooks(sub):
+            return f"module {name!r} has forward hooks, which the traced graph would skip"
     if [bn_site[n] for n in graph.nodes if n in bn_site] != calls:
         return "the captured graph does not call the BatchNorms the model calls"
     segment: dict[fx.Node, int] = {}
@@ -318,11 +336,15 @@ def plan_frontier(
             if n not in needed:
                 needed.add(n)
                 stack.extend(n.all_input_nodes)
-        # an in-place op on a needed value is needed too, though nothing reads its result
+        # an in-place op on a needed value is needed too, though nothing reads its result,
+        # and so are checks with no result (ExportedProgram.module()'s input guards, asserts)
         for node in graph.nodes:
-            if node not in needed and node.op != "output":
+            if node not in needed and node.op not in ("output", "placeholder"):
                 written = _mutated_arg(node, modules)
-                if written is True or (isinstance(written, fx.Node) and written in needed):
+                writes_needed = written is True or (
+                    isinstance(written, fx.Node) and written in needed
+                )
+                if writes_needed or (not node.users and _impure(node)):
                     stack.append(node)
     order = [n for n in graph.nodes if n in needed and n.op not in ("placeholder", "get_attr")]
     for node in order:
@@ -345,6 +367,7 @@ def plan_frontier(
         return bind
     return FrontierPlan(
         root=root,
+        caller=model,
         placeholders=placeholders,
         bind=bind,
         segment=segment,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from bnfold.errors import BadInputError, RecalibrationError
 from bnfold.recalib.data import batch_size, call_model, iter_budget, to_device
@@ -29,7 +29,7 @@ from bnfold.recalib.passes import PassState, check_finite, measure
 from bnfold.recalib.stats import Scratch
 from bnfold.recalib.torch_sites import Site
 
-__all__ = ["FrontierRun", "model_inputs"]
+__all__ = ["FrontierRun", "model_inputs", "run_pre_hooks"]
 
 
 class _Recorded(BaseException):
@@ -52,6 +52,33 @@ def model_inputs(batch: Any, forward_fn: Any) -> tuple[tuple[Any, ...], dict[str
     except _Recorded as r:
         return r.call
     raise RecalibrationError("forward_fn returned without calling the model")
+
+
+def run_pre_hooks(
+    root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Call ``root``'s forward pre-hooks as ``root(*args, **kwargs)`` would.
+
+    The graph runs node by node, not through ``root.__call__``, but the hooks are part of
+    calling the model: ``ExportedProgram.module()`` checks its input shapes in one (a program
+    exported for a fixed batch size refuses another), and a user's hook may edit the inputs.
+    """
+    with_kwargs = root._forward_pre_hooks_with_kwargs
+    for key, hook in list(root._forward_pre_hooks.items()):
+        try:
+            result = hook(root, args, kwargs) if key in with_kwargs else hook(root, args)
+        except Exception as e:
+            lines = str(e).strip().splitlines()
+            raise BadInputError(
+                f"the model refuses the batch: {lines[0] if lines else type(e).__name__}"
+            ) from None
+        if result is None:
+            continue
+        if key in with_kwargs:
+            args, kwargs = result
+        else:
+            args = result if isinstance(result, tuple) else (result,)
+    return args, kwargs
 
 
 @dataclass
@@ -85,6 +112,7 @@ class FrontierRun:
 
     def _env(self, batch: Any) -> dict[fx.Node, Any]:
         args, kwargs = model_inputs(batch, self.options.forward_fn)
+        args, kwargs = run_pre_hooks(self.plan.caller, args, kwargs)
         try:
             values = self.plan.bind(args, kwargs)
         except TypeError as e:
@@ -101,15 +129,27 @@ class FrontierRun:
         for node, free in zip(nodes, frees, strict=True):
             args = fx.node.map_arg(node.args, value)
             kwargs = fx.node.map_arg(node.kwargs, value)
-            if node.op == "call_module":
-                env[node] = plan.modules[node](*args, **kwargs)
-            elif node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
-            else:  # call_method
-                obj, *rest = args
-                env[node] = getattr(obj, str(node.target))(*rest, **kwargs)
+            if not node.users:
+                # a check with no result (an exported program's input guard)
+                try:
+                    self._call(node, args, kwargs)
+                except Exception as e:
+                    lines = str(e).strip().splitlines()
+                    raise BadInputError(
+                        f"the model refuses the batch: {lines[0] if lines else type(e).__name__}"
+                    ) from None
+            else:
+                env[node] = self._call(node, args, kwargs)
             for a in free:
                 env.pop(a, None)
+
+    def _call(self, node: fx.Node, args: Any, kwargs: Any) -> Any:
+        if node.op == "call_module":
+            return self.plan.modules[node](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)  # type: ignore[operator]
+        obj, *rest = args  # call_method
+        return getattr(obj, str(node.target))(*rest, **kwargs)
 
     def _fresh_source(self) -> Iterator[Any]:
         if isinstance(self.data, Iterator):

@@ -53,7 +53,7 @@ from bnfold.errors import BadInputError, RecalibrationError
 from bnfold.recalib.data import _clone, cast_for_model, iter_budget, to_device
 from bnfold.recalib.dist import dist_sum, dist_world
 from bnfold.recalib.frontier_plan import FrontierPlan, plan_frontier
-from bnfold.recalib.frontier_run import FrontierRun, model_inputs
+from bnfold.recalib.frontier_run import FrontierRun, model_inputs, run_pre_hooks
 from bnfold.recalib.frontier_store import FrontierStore
 from bnfold.recalib.levels import measure_levels
 from bnfold.recalib.options import Options
@@ -146,11 +146,19 @@ def _population_mode(
     report.passes = len(groups)
     started = itertools.chain([] if first is None else [first], stream)
     plan: FrontierPlan | str = "strategy='per-level' was asked for"
+    inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     if options.strategy == "auto":
         plan = plan_frontier(model, runner, sites, levels, calls)
     if not isinstance(plan, str) and probe is not None:
         try:
-            plan.bind(*model_inputs(probe, options.forward_fn))
+            inputs = model_inputs(probe, options.forward_fn)
+        except Exception as e:
+            inputs = None
+            plan = f"the batch does not bind to the graph's inputs ({type(e).__name__})"
+    if not isinstance(plan, str) and inputs is not None:
+        inputs = run_pre_hooks(plan.caller, *inputs)
+        try:
+            plan.bind(*inputs)
         except Exception as e:
             # e.g. a forward_fn that reaches into the model's attributes
             plan = f"the batch does not bind to the graph's inputs ({type(e).__name__})"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.errors import RecalibrationError
+from bnfold.errors import BadInputError, RecalibrationError
 from bnfold.models import build, names
 
 
@@ -208,3 +208,26 @@ def test_forward_fn_and_exported_program_use_the_frontier():
     assert r_ep.strategy == "frontier", r_ep.strategy_note
     for k, v in _stats(r_pl.model).items():
         assert torch.equal(_stats(r_ep.model)[k], v), k
+
+
+def test_program_exported_for_a_fixed_batch_refuses_another_batch_size():
+    model, _ = build("conv1d")
+    ep = torch.export.export(model, (torch.randn(2, 4, 64),))  # static batch dimension 2
+    with pytest.raises(BadInputError, match=r"refuses the batch: .*== 2"):
+        bnfold.recalibrate(ep, [torch.randn(5, 4, 64)], progress=False)
+    r = bnfold.recalibrate(ep, [torch.randn(2, 4, 64)] * 2, progress=False)
+    assert r.strategy == "frontier"
+
+
+def test_hooks_are_honoured():
+    torch.manual_seed(0)
+    net = _LoopOfBlocks().eval()
+    # a pre-hook on the model edits the input; the graph run must see the edit
+    net.register_forward_pre_hook(lambda m, a: (a[0] * 3.0,))
+    _r, r = _both(net, _data((3, 6, 6)))
+    assert r.strategy == "frontier"
+    # a hook on a module traced through would be skipped by the graph: per-level passes
+    inner = _DictInput().eval()
+    inner.inner.blocks[0].register_forward_hook(lambda m, a, out: out * 2)
+    _r, r = _both(inner, [{"image": x} for x in _data((3, 16, 16))])
+    assert r.strategy == "per-level" and "hooks" in r.strategy_note
