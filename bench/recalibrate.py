@@ -12,8 +12,16 @@ Three tables:
    after its deepest BN; its ratio is in total and per pass on average). The runs take turns
    in each round and the ratio is the median over rounds; glibc's allocator is pinned first
    (see :func:`pin_allocator`) so page faults do not depend on what ran before.
-3. The ONNX driver's cost of building its probe copy with onnx-graphsurgeon, next to running
+3. Population mode's strategies (``--tables strategies``): per mode, the recalibration time as
+   a ratio to a bare no-grad forward over the same loader, and the peak memory of the kept
+   frontier, for the frontier (each layer once per sample) with the default budget and with
+   no budget at all (every pass recomputes from the data), next to the per-level passes
+   (``strategy="per-level"``), ``mode="batch"`` and ``update_bn``. ``--size`` sets the input's
+   spatial size.
+4. The ONNX driver's cost of building its probe copy with onnx-graphsurgeon, next to running
    onnxruntime over the same data (``mode="batch"``: one probe copy, one pass).
+
+``--model`` takes a ``models/`` name or ``torchvision:resnet18`` (any torchvision model name).
 
 Run: ``python bench/recalibrate.py [--model resnet-mini] [--batches 16] [--batch-size 64]
 [--threads 1] [--no-population]``. ``BNFOLD_NO_JIT=1`` times the torch fallback instead of the
@@ -36,7 +44,19 @@ from torch.optim.swa_utils import update_bn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bnfold
 from bench.common import best_time, installed, interleaved, paired_ratio, pin_allocator
-from bnfold.models import build
+from bnfold.models import build as build_reference
+
+
+def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A ``models/`` net, or ``torchvision:<name>`` (random weights, eval mode, 224x224
+    example; torchvision must import beside torch)."""
+    if not name.startswith("torchvision:"):
+        return build_reference(name)
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name.split(":", 1)[1], weights=None).eval()
+    return model, torch.randn(1, 3, 224, 224)
 
 
 def oracle_var(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -195,6 +215,63 @@ def throughput_table(
     return out
 
 
+def strategies_table(
+    model_name: str, batches: int, bs: int, repeats: int, size: int | None, per_level: bool
+) -> None:
+    model, example = build(model_name)
+    shape = tuple(example.shape[1:])
+    if size is not None:
+        shape = shape[:1] + (size,) * (len(shape) - 1)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(batches * bs, *shape, generator=gen)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=bs)
+
+    def bare() -> None:
+        with torch.no_grad():
+            for (xb,) in loader:
+                model(xb)
+
+    copies = {k: copy.deepcopy(model) for k in ("frontier", "tiny", "per-level", "batch", "upd")}
+    reports: dict[str, bnfold.RecalibrationReport] = {}
+
+    def recal(key: str, **kw: object) -> Callable[[], object]:
+        def run() -> None:
+            reports[key] = bnfold.recalibrate(copies[key], loader, progress=False, **kw)
+
+        return run
+
+    runs: dict[str, Callable[[], object]] = {
+        "bare": bare,
+        "frontier": recal("frontier"),
+        "tiny": recal("tiny", data_cache_mb=0, spill_mb=0),
+        "batch": recal("batch", mode="batch"),
+        "upd": lambda: update_bn(loader, copies["upd"]),
+    }
+    if per_level:
+        runs["per-level"] = recal("per-level", strategy="per-level")
+    times = interleaved(runs, repeats)
+    passes = reports["frontier"].passes
+    print(
+        f"\nPopulation-mode strategies ({model_name}, input {'x'.join(map(str, shape))}, "
+        f"{batches} batches of {bs}, {torch.get_num_threads()} thread(s), {repeats} round(s); "
+        f"{passes} levels)"
+    )
+    print(f"{'run':<52}{'vs bare forward':>16}{'peak kept MiB':>15}")
+    rows = [
+        ("population, frontier (default budget)", "frontier"),
+        ("population, frontier, no budget (recompute)", "tiny"),
+        ("population, per-level passes", "per-level"),
+        ("batch mode (one pass)", "batch"),
+        ("swa_utils.update_bn (one pass)", "upd"),
+    ]
+    for label, key in rows:
+        if key not in times:
+            continue
+        rep = reports.get(key)
+        peak = "" if rep is None else f"{rep.peak_memory_mb + rep.peak_spill_mb:.1f}"
+        print(f"{label:<52}{paired_ratio(times['bare'], times[key]):>15.3f}x{peak:>15}")
+
+
 def onnx_table(model_name: str, batches: int, bs: int) -> dict[str, float]:
     import onnx_graphsurgeon as gs
 
@@ -228,7 +305,13 @@ def main() -> None:
     ap.add_argument(
         "--tables",
         default="errors,throughput,onnx",
-        help="comma-separated subset of: errors, throughput, onnx",
+        help="comma-separated subset of: errors, throughput, strategies, onnx",
+    )
+    ap.add_argument("--size", type=int, default=None, help="input spatial size (strategies)")
+    ap.add_argument(
+        "--no-per-level",
+        action="store_true",
+        help="skip the per-level passes in the strategies table (one forward per level)",
     )
     ap.add_argument(
         "--no-population",
@@ -245,6 +328,15 @@ def main() -> None:
     if "throughput" in tables:
         throughput_table(
             args.model, args.batches, args.batch_size, args.repeats, not args.no_population
+        )
+    if "strategies" in tables:
+        strategies_table(
+            args.model,
+            args.batches,
+            args.batch_size,
+            args.repeats,
+            args.size,
+            not args.no_per_level,
         )
     if "onnx" in tables:
         onnx_table(args.model, args.batches, args.batch_size)

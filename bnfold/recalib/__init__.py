@@ -42,6 +42,8 @@ def recalibrate(
     check_finite: bool = True,
     providers: list[str] | None = None,
     data_cache_mb: float = 1024.0,
+    spill_mb: float | None = None,
+    strategy: str = "auto",
 ) -> RecalibrationReport:
     """Replace every BatchNorm's running statistics by the exact statistics of ``data``.
 
@@ -105,6 +107,8 @@ def recalibrate(
         check_finite=check_finite,
         providers=providers,
         data_cache_mb=data_cache_mb,
+        spill_mb=spill_mb,
+        strategy=strategy,
     )
     if _is_onnx(model):
         from bnfold.recalib.onnx_driver import recalibrate_onnx

@@ -19,6 +19,7 @@ command) reads the CLI's ``--data`` argument.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -232,15 +233,18 @@ class Replay:
         *,
         num_samples: int | None = None,
         num_batches: int | None = None,
+        started: Iterator[Any] | None = None,
     ) -> None:
+        """``started``: the budgeted batches of a first read of ``data`` already under way
+        (the level probe took its first batch from it); it is continued, not read again."""
         self._data = data
         self._budget = budget_bytes
         self._limits = {"num_samples": num_samples, "num_batches": num_batches}
-        self._live: Iterator[Any] | None = None
+        self._live: Iterator[Any] | None = started
         self._kept: list[Any] | None = []
         self._bytes = 0
         self._done = False
-        self._source_passes = 0
+        self._source_passes = 0 if started is None else 1
 
     def _fresh(self) -> Iterator[Any]:
         if self._source_passes and isinstance(self._data, Iterator):
@@ -275,3 +279,66 @@ class Replay:
             yield batch
         self._done = True
         self._live = None
+
+
+def _cast_tensor(t: Any, dtype: torch.dtype, seen: set[torch.dtype]) -> Any:
+    if not isinstance(t, torch.Tensor) or t.dtype == dtype:
+        return t
+    if t.dtype == torch.float64 or t.dtype == torch.uint8:
+        if t.dtype not in seen:
+            seen.add(t.dtype)
+            if t.dtype == torch.float64:
+                warnings.warn(
+                    f"float64 batches are cast to {str(dtype).removeprefix('torch.')}, the "
+                    "model's dtype",
+                    stacklevel=4,
+                )
+            else:
+                warnings.warn(
+                    f"uint8 batches are cast to {str(dtype).removeprefix('torch.')} unscaled "
+                    "(0-255); if the model was trained on scaled or normalised images, scale "
+                    "the data first (x / 255, then mean/std)",
+                    stacklevel=4,
+                )
+        return t.to(dtype)
+    return t
+
+
+def _cast_batch(batch: Any, dtype: torch.dtype, seen: set[torch.dtype]) -> Any:
+    batch = normalise_batch(batch)
+    if isinstance(batch, Mapping):
+        return {k: _cast_tensor(v, dtype, seen) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        # only the input (the first element) feeds the model; targets keep their dtype
+        if not batch:
+            return batch
+        return type(batch)([_cast_tensor(batch[0], dtype, seen), *batch[1:]])
+    return _cast_tensor(batch, dtype, seen)
+
+
+class _CastBatches:
+    """A re-iterable ``data`` whose float64 and uint8 inputs are cast to the model's dtype."""
+
+    def __init__(self, data: Iterable[Any], dtype: torch.dtype) -> None:
+        self._data, self._dtype = data, dtype
+        self._seen: set[torch.dtype] = set()
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._data:
+            yield _cast_batch(batch, self._dtype, self._seen)
+
+
+def cast_for_model(data: Iterable[Any], dtype: torch.dtype | None) -> Iterable[Any]:
+    """``data`` with float64 and uint8 inputs cast to ``dtype`` (a floating model's dtype),
+    each cast announced once with a warning, as the CLI's data reader does.
+
+    float64 is what numpy makes by default, and a float32 model refuses it; uint8 is how images
+    are stored, and its 0-255 range is rarely what the model was trained on, hence the warning.
+    A one-shot iterator stays one (population mode must know it cannot read it again).
+    """
+    if dtype is None or not dtype.is_floating_point or dtype == torch.float64:
+        return data
+    if isinstance(data, Iterator):
+        seen: set[torch.dtype] = set()
+        return (_cast_batch(b, dtype, seen) for b in data)
+    return _CastBatches(data, dtype)

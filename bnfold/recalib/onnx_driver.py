@@ -55,10 +55,11 @@ from onnx import numpy_helper
 
 from bnfold.errors import BadInputError, RecalibrationError
 from bnfold.recalib.data import batch_size, describe_batch, first_input, iter_budget
+from bnfold.recalib.dist import dist_sum, dist_world
 from bnfold.recalib.options import Options
+from bnfold.recalib.progress import PassProgress
 from bnfold.recalib.report import BNStats, RecalibrationReport
 from bnfold.recalib.stats import ChannelStats, Scratch, all_reduce_stats, make_accumulator
-from bnfold.recalib.torch_driver import _dist_sum, _dist_world
 
 __all__ = ["recalibrate_onnx"]
 
@@ -338,9 +339,18 @@ def recalibrate_onnx(
     result = copy.deepcopy(model)
     sites, skipped = _find_sites(result, options.estimator)
     if not sites:
+        has_bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
+        hint = (
+            ""
+            if has_bn
+            else " (exporters often fold BNs into the convolutions already: export with the "
+            "BNs kept, e.g. torch.onnx.export(..., do_constant_folding=False) or "
+            "optimize=False, or recalibrate the PyTorch model with bnfold.recalibrate before "
+            "exporting)"
+        )
         raise BadInputError(
             "the ONNX model has no inference BatchNormalization with initializer statistics; "
-            "nothing to recalibrate"
+            f"nothing to recalibrate{hint}"
         )
     batch_stats = options.mode == "batch"
     if batch_stats:
@@ -362,12 +372,11 @@ def recalibrate_onnx(
         framework="onnx",
         mode=options.mode,
         estimator=options.estimator,
-        world_size=_dist_world(),
+        world_size=dist_world(),
     )
-    from bnfold.recalib.torch_driver import _progress
 
     scratch = Scratch()
-    with _progress(options.progress) as bar:
+    with PassProgress(options.progress) as bar:
         for k, group in enumerate(groups):
             session = _session(_probe_model(result, group, batch_stats), options.providers)
             batches, samples = _run_level(
@@ -381,7 +390,7 @@ def recalibrate_onnx(
             )
             if k == 0:
                 report.batches, report.samples = batches, samples
-                if _dist_sum(batches) == 0:
+                if dist_sum(batches) == 0:
                     raise RecalibrationError(
                         "the data yielded no batch; pass a non-empty list of batches (or a "
                         "larger num_samples/num_batches budget)"

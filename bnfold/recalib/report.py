@@ -62,6 +62,14 @@ class RecalibrationReport:
         samples: samples drawn from the data (on this rank).
         passes: passes over the data.
         world_size: ``torch.distributed`` ranks merged (1 when not distributed).
+        strategy: how the passes ran: ``"one-pass"`` (``mode="batch"``), ``"frontier"``
+            (population mode over the captured graph: each layer once per sample, the
+            activations between levels kept), or ``"per-level"`` (one forward per level).
+        strategy_note: why ``"per-level"`` ran, or where the frontier was kept.
+        peak_memory_mb: the most host (or device) memory the kept frontier held, in MiB.
+        peak_spill_mb: the most it held in its memory-mapped spill file, in MiB.
+        recomputed_segments: segments run again because a frontier found no room (batches
+            times segments).
         bns: one :class:`BNStats` per BatchNorm, in model order.
     """
 
@@ -74,6 +82,11 @@ class RecalibrationReport:
     samples: int = 0
     passes: int = 0
     world_size: int = 1
+    strategy: str = "per-level"
+    strategy_note: str = ""
+    peak_memory_mb: float = 0.0
+    peak_spill_mb: float = 0.0
+    recomputed_segments: int = 0
     bns: list[BNStats] = field(default_factory=list)
 
     @property
@@ -109,5 +122,6 @@ class RecalibrationReport:
             f"{len(self.updated)}/{len(self.bns)} BatchNorms recalibrated on {self.samples} "
             f"samples ({self.batches} batches, {self.passes} pass(es), mode={self.mode}, "
             f"estimator={self.estimator}); {len(self.unreached)} unreached; "
-            f"{zero} zero-variance channel(s)"
+            f"{zero} zero-variance channel(s); strategy: {self.strategy}"
+            + (f" ({self.strategy_note})" if self.strategy_note else "")
         )

@@ -126,3 +126,14 @@ def test_onnx_population_mode_replays_a_generator(exported):
         np.testing.assert_array_equal(numpy_helper.to_array(t), inits[t.name])
     with pytest.raises(BadInputError, match="did not fit the replay cache"):
         bnfold.recalibrate(proto, iter(_data()), data_cache_mb=0, progress=False)
+
+
+def test_onnx_without_batchnorm_hints_at_the_export():
+    # what an exporter that folds BNs writes: a bare Conv
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 2, 4, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    w = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(BadInputError, match="recalibrate the PyTorch model with bnfold"):
+        bnfold.recalibrate(model, [np.zeros((1, 2, 4, 4), np.float32)], progress=False)

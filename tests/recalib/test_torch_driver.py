@@ -154,11 +154,21 @@ def test_generator_works_in_both_modes(correlated_images):
 def test_one_shot_data_that_outgrows_the_cache_is_refused_clearly(correlated_images):
     net = _net()
     before = _bn_state(net)
-    with pytest.raises(BadInputError, match="did not fit the replay cache"):
+    # neither memory nor a spill file may hold anything: later passes must read data again
+    with pytest.raises(BadInputError, match="did not fit"):
         bnfold.recalibrate(
-            net, iter(_batches(correlated_images, 8)), data_cache_mb=0, progress=False
+            net, iter(_batches(correlated_images, 8)), data_cache_mb=0, spill_mb=0, progress=False
         )
     for k, v in before.items():
+        assert torch.equal(_bn_state(net)[k], v)
+    # with a spill file (the default) the one-shot iterator works, and gives the same bits
+    r = bnfold.recalibrate(
+        net, iter(_batches(correlated_images, 8)), data_cache_mb=0, progress=False
+    )
+    assert r.strategy == "frontier" and r.peak_spill_mb > 0 and r.peak_memory_mb == 0
+    ref = _net()
+    bnfold.recalibrate(ref, _batches(correlated_images, 8), progress=False)
+    for k, v in _bn_state(ref).items():
         assert torch.equal(_bn_state(net)[k], v)
 
 
@@ -177,17 +187,18 @@ def test_population_mode_reads_the_loader_once_when_it_fits(correlated_images):
     loader = _CountingLoader(_batches(correlated_images, 16))
     r = bnfold.recalibrate(_net(), loader, progress=False)
     assert r.passes == 2 and loader.iterations == 1
-    # without a cache every pass (and the level probe) iterates the loader again
+    # without memory or a spill file every later pass iterates the loader again (the level
+    # probe reads its batch from the first pass)
     uncached = _CountingLoader(_batches(correlated_images, 16))
-    r0 = bnfold.recalibrate(_net(), uncached, data_cache_mb=0, progress=False)
-    assert uncached.iterations == r0.passes + 1
+    r0 = bnfold.recalibrate(_net(), uncached, data_cache_mb=0, spill_mb=0, progress=False)
+    assert uncached.iterations == r0.passes
     # a cache smaller than the data stops recording and streams: same statistics either way
     part = _CountingLoader(_batches(correlated_images, 16))
     small = correlated_images[:16].nbytes * 1.5 / 2**20
     nets = [_net() for _ in range(3)]
     bnfold.recalibrate(nets[0], loader, progress=False)
-    bnfold.recalibrate(nets[1], uncached, data_cache_mb=0, progress=False)
-    bnfold.recalibrate(nets[2], part, data_cache_mb=small, progress=False)
+    bnfold.recalibrate(nets[1], uncached, data_cache_mb=0, spill_mb=0, progress=False)
+    bnfold.recalibrate(nets[2], part, data_cache_mb=small, spill_mb=0, progress=False)
     assert part.iterations > 1
     for k, v in _bn_state(nets[0]).items():
         assert torch.equal(_bn_state(nets[1])[k], v)
@@ -240,8 +251,9 @@ def test_nan_names_the_bn_and_restores(correlated_images):
     assert all(torch.equal(before[k], v) for k, v in _bn_state(net).items())
 
 
-# without a cache: probe, pass 1 complete, fail in pass 2; with one, the loader runs once
-@pytest.mark.parametrize(("cache_mb", "fail_on"), [(0, 3), (1024, 1)])
+# without memory or spill: pass 1 (with the probe) complete, fail in pass 2; with a cache,
+# the loader runs once
+@pytest.mark.parametrize(("cache_mb", "fail_on"), [(0, 2), (1024, 1)])
 def test_loader_raising_midway_restores_everything(correlated_images, cache_mb, fail_on):
     net = _net()
     before = _bn_state(net)
@@ -258,7 +270,7 @@ def test_loader_raising_midway_restores_everything(correlated_images, cache_mb, 
             yield correlated_images[4:8]
 
     with pytest.raises(OSError, match="disk"):
-        bnfold.recalibrate(net, Flaky(), data_cache_mb=cache_mb, progress=False)
+        bnfold.recalibrate(net, Flaky(), data_cache_mb=cache_mb, spill_mb=0, progress=False)
     assert all(torch.equal(before[k], v) for k, v in _bn_state(net).items())
 
 
