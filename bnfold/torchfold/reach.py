@@ -43,7 +43,15 @@ from bnfold.torchfold.discover import (
     reads_values,
 )
 from bnfold.torchfold.ops import BatchNorm, Layer, as_layer, flatten_repeat, shape_of
-from bnfold.torchfold.rewrite import _bias_ref, _exact, _f64, _layout, _required, _tensor, to_torch
+from bnfold.torchfold.rewrite import (
+    _bias_ref,
+    _exact,
+    _layout,
+    _required,
+    _tensor,
+    bn_affine_of,
+    to_torch,
+)
 
 __all__ = ["ReachSite", "Part", "reach_site", "apply_reach", "site_layers"]
 
@@ -568,13 +576,7 @@ def apply_reach(
     there is one) and rounded once.
     """
     bn = site.bn
-    affine = foldmath.bn_affine(
-        _required(bn.mean, gm).detach().to("cpu", torch.float64).numpy(),
-        _required(bn.var, gm).detach().to("cpu", torch.float64).numpy(),
-        bn.eps,
-        _f64(_tensor(bn.gamma, gm)),
-        _f64(_tensor(bn.beta, gm)),
-    )
+    affine = bn_affine_of(bn, gm)
     pieces = (
         foldmath.split(affine, [p.channels for p in site.parts])
         if len(site.parts) > 1

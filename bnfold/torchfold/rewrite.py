@@ -20,7 +20,7 @@ from bnfold import foldmath
 from bnfold.sites import Direction, FoldDecision
 from bnfold.torchfold.bnlike import after_fold
 from bnfold.torchfold.discover import Site
-from bnfold.torchfold.ops import Layer, ParamRef
+from bnfold.torchfold.ops import BatchNorm, Layer, ParamRef
 
 __all__ = ["apply_fold", "prune", "to_torch"]
 
@@ -110,6 +110,17 @@ def _exact(ref: ParamRef | None, gm: fx.GraphModule, exact: Exact) -> np.ndarray
     return _f64(value)
 
 
+def bn_affine_of(bn: BatchNorm, gm: fx.GraphModule) -> foldmath.Affine:
+    """The float64 affine map of ``bn`` from its stored statistics (every fold starts here)."""
+    return foldmath.bn_affine(
+        _required(bn.mean, gm).detach().to("cpu", torch.float64).numpy(),
+        _required(bn.var, gm).detach().to("cpu", torch.float64).numpy(),
+        bn.eps,
+        _f64(_tensor(bn.gamma, gm)),
+        _f64(_tensor(bn.beta, gm)),
+    )
+
+
 def apply_fold(
     site: Site,
     gm: fx.GraphModule,
@@ -130,13 +141,7 @@ def apply_fold(
     exact = {} if exact is None else exact
     bn, layer = site.bn, site.layer
     assert layer is not None and layer.weight is not None
-    affine = foldmath.bn_affine(
-        _required(bn.mean, gm).detach().to("cpu", torch.float64).numpy(),
-        _required(bn.var, gm).detach().to("cpu", torch.float64).numpy(),
-        bn.eps,
-        _f64(_tensor(bn.gamma, gm)),
-        _f64(_tensor(bn.beta, gm)),
-    )
+    affine = bn_affine_of(bn, gm)
     weight = _required(layer.weight, gm)
     bias = _tensor(layer.bias, gm)
     w_f64 = _exact(layer.weight, gm, exact)
