@@ -231,83 +231,9 @@ def main() -> None:
 
 def _pattern_modules() -> dict[str, tuple[object, object]]:
     """Small networks, one per pattern, with non-trivial BN statistics, and example inputs."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
+    from bnfold.models.patterns import pattern_nets
 
-    class ConvAddBN(nn.Module):  # paddle2onnx writes a Conv bias as a separate Add
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(8, 16, 3, bias=False)
-            self.shift = nn.Parameter(torch.randn(1, 16, 1, 1))
-            self.bn = nn.BatchNorm2d(16)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.relu(self.bn(self.conv(x) + self.shift))
-
-    class MixConv(nn.Module):  # timm mixnet: kernel sizes per channel group, one BN
-        def __init__(self, reuse: bool = False) -> None:
-            super().__init__()
-            self.convs = nn.ModuleList(nn.Conv2d(4, 8, k, padding=k // 2) for k in (3, 5))
-            self.bn = nn.BatchNorm2d(16)
-            self.reuse = reuse
-            self.after = nn.Conv2d(8, 16, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            parts = torch.split(x, 4, 1)
-            outs = [c(parts[i]) for i, c in enumerate(self.convs)]
-            y = F.relu(self.bn(torch.cat(outs, 1)))
-            return y + self.after(outs[0]) if self.reuse else y  # DenseNet-style reuse
-
-    class LinearNorm(nn.Module):  # timm levit
-        def __init__(self, cin: int, cout: int) -> None:
-            super().__init__()
-            self.linear = nn.Linear(cin, cout, bias=False)
-            self.bn = nn.BatchNorm1d(cout)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.linear(x)
-            return self.bn(x.flatten(0, 1)).reshape_as(x)
-
-    class Levit(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.qkv, self.proj = LinearNorm(16, 32), LinearNorm(32, 16)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.proj(F.hardswish(self.qkv(x)))
-
-    class PoolHead(nn.Module):  # convmixer: BN after the activation, then the head
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(8, 16, 3)
-            self.bn = nn.BatchNorm2d(16)
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(16, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(torch.flatten(self.pool(self.bn(F.gelu(self.conv(x)))), 1))
-
-    image = torch.randn(2, 8, 12, 12)
-    nets = {
-        "Conv -> Add(constant) -> BN": (ConvAddBN(), image),
-        "Concat of convs -> BN (MixConv)": (MixConv(), image),
-        "Linear -> Reshape -> BN -> Reshape (LeViT)": (Levit(), torch.randn(2, 7, 16)),
-        "BN -> GlobalAveragePool -> Flatten -> Gemm": (PoolHead(), image),
-        "Concat with a reused input (must stay)": (MixConv(reuse=True), image),
-    }
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for net, _ in nets.values():
-            for m in net.modules():  # type: ignore[attr-defined]
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    c = m.num_features
-                    m.running_mean.copy_(torch.randn(c, generator=gen))
-                    m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-                    m.weight.copy_(torch.randn(c, generator=gen))
-                    m.bias.copy_(torch.randn(c, generator=gen))
-            net.eval()  # type: ignore[attr-defined]
-    return nets  # type: ignore[return-value]
+    return dict(pattern_nets(width=2))  # type: ignore[arg-type]
 
 
 def _peers() -> dict[str, Callable[[onnx.ModelProto], onnx.ModelProto] | None]:

@@ -37,6 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import installed, interleaved, medians_ms, rel_err
 from bnfold.models import build, names
+from bnfold.models.patterns import ConvAddBN, LinearNorm, MixConv, PoolHead
 from bnfold.torchfold import count_batchnorms, fold_torch
 
 
@@ -187,63 +188,6 @@ class _SecondUser(nn.Module):
         return self.bn(y) * torch.sigmoid(y)
 
 
-class _ConvAdd(nn.Module):
-    """A bias kept outside the conv (paddle-style), then a BN."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 6, 3, bias=False)
-        self.shift = nn.Parameter(torch.randn(1, 6, 1, 1))
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.conv(x) + self.shift))
-
-
-class _MixConv(nn.Module):
-    """timm MixConv: a kernel size per channel group, one BN after the cat."""
-
-    def __init__(self, reuse: bool = False) -> None:
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(2, 3, k, padding=k // 2) for k in (3, 5))
-        self.bn = nn.BatchNorm2d(6)
-        self.reuse = reuse
-        self.after = nn.Conv2d(3, 6, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(x, 2, 1)
-        outs = [c(parts[i]) for i, c in enumerate(self.convs)]
-        y = torch.relu(self.bn(torch.cat(outs, 1)))
-        return y + self.after(outs[0]) if self.reuse else y  # DenseNet-style reuse
-
-
-class _LinearNorm(nn.Module):
-    """timm LeViT's LinearNorm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 6, bias=False)
-        self.bn = nn.BatchNorm1d(6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(x)
-        return self.bn(x.flatten(0, 1)).reshape_as(x)
-
-
-class _PoolHead(nn.Module):
-    """ConvMixer's head: BN after the activation, then pool, flatten, classifier."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.bn(nn.functional.gelu(self.conv(x)))), 1))
-
-
 def _randomised(model: nn.Module) -> nn.Module:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -276,11 +220,11 @@ def case_rows() -> list[dict[str, Any]]:
             nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, affine=False)),
             torch.randn(3, 4),
         ),
-        ("conv -> + param -> BN", _ConvAdd(), torch.randn(2, 4, 8, 8)),
-        ("cat of convs -> BN (MixConv)", _MixConv(), torch.randn(2, 4, 8, 8)),
-        ("Linear -> flatten -> BN1d -> reshape_as (LeViT)", _LinearNorm(), torch.randn(2, 5, 4)),
-        ("BN -> AdaptiveAvgPool -> flatten -> Linear", _PoolHead(), torch.randn(2, 4, 8, 8)),
-        ("cat with a reused input (must stay)", _MixConv(reuse=True), torch.randn(2, 4, 8, 8)),
+        ("conv -> + param -> BN", ConvAddBN(), torch.randn(2, 4, 8, 8)),
+        ("cat of convs -> BN (MixConv)", MixConv(), torch.randn(2, 4, 8, 8)),
+        ("Linear -> flatten -> BN1d -> reshape_as (LeViT)", LinearNorm(), torch.randn(2, 5, 4)),
+        ("BN -> AdaptiveAvgPool -> flatten -> Linear", PoolHead(), torch.randn(2, 4, 8, 8)),
+        ("cat with a reused input (must stay)", MixConv(reuse=True), torch.randn(2, 4, 8, 8)),
     ]
     rows = []
     for label, model, x in cases:

@@ -11,61 +11,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from onnxfold_util import bn_count, max_rel_error, run
 from torch import nn
 
+from bnfold.models.patterns import ConvAddBN, LinearNorm, MixConv, PoolHead
 from bnfold.onnxfold import fold_onnx
 from bnfold.sites import SkipCode
-
-
-class ConvAddBN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 6, 3, bias=False)
-        self.shift = nn.Parameter(torch.randn(1, 6, 1, 1))
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x) + self.shift))
-
-
-class MixConv(nn.Module):
-    def __init__(self, reuse: bool = False) -> None:
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(2, 3, k, padding=k // 2) for k in (3, 5))
-        self.bn = nn.BatchNorm2d(6)
-        self.reuse = reuse
-        self.after = nn.Conv2d(3, 6, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(x, 2, 1)
-        outs = [c(parts[i]) for i, c in enumerate(self.convs)]
-        y = F.relu(self.bn(torch.cat(outs, 1)))
-        return y + self.after(outs[0]) if self.reuse else y
-
-
-class LinearNorm(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 6, bias=False)
-        self.bn = nn.BatchNorm1d(6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(x)
-        return F.hardswish(self.bn(x.flatten(0, 1)).reshape_as(x))
-
-
-class PoolHead(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 6, 3)
-        self.bn = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(F.gelu(self.conv(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
 
 def _randomised(net: nn.Module) -> nn.Module:
