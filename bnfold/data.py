@@ -6,6 +6,11 @@ the same ``--data`` and give the same one-line errors. A SPEC is:
 * a ``.npy`` file (one array);
 * a ``.npz`` file (one array, or several: one per model input, by name or position);
 * a folder of such files (read in sorted name order);
+* a folder of images (``.png``, ``.jpg``/``.jpeg``, ``.bmp``, ``.webp``; read with Pillow in
+  sorted name order): each image becomes one sample, ``C x H x W`` float32 scaled to
+  ``[0, 1]`` (RGB, or one channel when every image is grayscale). bnfold does not resize,
+  crop or normalise: give images already preprocessed to the model's input size, or a
+  ``module:function`` that applies the model's own transforms;
 * ``module:function`` — a function taking no argument that returns an iterable of batches
   (a DataLoader, a list, a generator). The current directory is importable, as for
   ``python -m``, so a ``calib.py`` next to the model works as ``--data calib:batches``.
@@ -33,7 +38,9 @@ from bnfold.errors import BadInputError
 
 __all__ = [
     "ARRAY_SUFFIXES",
+    "IMAGE_SUFFIXES",
     "ArrayBatches",
+    "ImageBatches",
     "as_numpy",
     "as_tensor",
     "is_function_spec",
@@ -139,8 +146,15 @@ def load_data_spec(spec: str, *, batch_size: int = 32) -> Iterable[Any]:
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in ARRAY_SUFFIXES)
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if files and images:
+            raise BadInputError(
+                f"folder {spec} mixes array files and images; keep one kind per folder"
+            )
+        if images:
+            return ImageBatches(images, batch_size)
         if not files:
-            raise BadInputError(f"folder {spec} holds no .npy or .npz files")
+            raise BadInputError(f"folder {spec} holds no .npy/.npz files and no images")
         return ArrayBatches(files, batch_size)
     if path.suffix.lower() in ARRAY_SUFFIXES:
         if not path.is_file():
@@ -149,8 +163,59 @@ def load_data_spec(spec: str, *, batch_size: int = 32) -> Iterable[Any]:
     if is_function_spec(spec):
         return load_function_spec(spec)
     raise BadInputError(
-        f"--data {spec!r} is neither a .npy/.npz file, a folder of them, nor module:function"
+        f"--data {spec!r} is neither a .npy/.npz file, a folder of them or of images, nor "
+        "module:function"
     )
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class ImageBatches:
+    """Re-iterable batches of images from a folder, decoded lazily one batch at a time."""
+
+    def __init__(self, files: list[Path], batch_size: int) -> None:
+        if batch_size <= 0:
+            raise BadInputError(f"batch size must be positive, got {batch_size}")
+        try:
+            from PIL import Image
+        except ImportError:
+            raise BadInputError(
+                "reading images needs Pillow: pip install pillow (or bnfold[images])"
+            ) from None
+        self._image = Image
+        self.files = files
+        self.batch_size = batch_size
+        self.gray = all(self._open(f).mode in ("1", "L", "I;16") for f in files[:64])
+
+    def _open(self, path: Path) -> Any:
+        try:
+            img = self._image.open(path)
+            img.load()
+        except (OSError, ValueError, SyntaxError) as e:  # Pillow's errors for broken files
+            raise BadInputError(f"cannot read image {path}: {e}") from None
+        return img
+
+    def _sample(self, path: Path) -> np.ndarray:
+        img = self._open(path).convert("L" if self.gray else "RGB")
+        arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        shape: tuple[int, ...] | None = None
+        for start in range(0, len(self.files), self.batch_size):
+            chunk = self.files[start : start + self.batch_size]
+            samples = [self._sample(f) for f in chunk]
+            for f, x in zip(chunk, samples, strict=True):
+                if shape is None:
+                    shape, first = x.shape, f
+                elif x.shape != shape:
+                    raise BadInputError(
+                        f"image {f.name} is {x.shape[2]}x{x.shape[1]} but {first.name} is "
+                        f"{shape[2]}x{shape[1]}; resize the images to the model's input size "
+                        "first (bnfold does not resize)"
+                    )
+            yield np.stack(samples)
 
 
 class ArrayBatches:
