@@ -40,6 +40,7 @@ __all__ = [
     "ARRAY_SUFFIXES",
     "IMAGE_SUFFIXES",
     "ArrayBatches",
+    "FullBatches",
     "ImageBatches",
     "as_numpy",
     "as_tensor",
@@ -216,6 +217,28 @@ class ImageBatches:
                         "first (bnfold does not resize)"
                     )
             yield np.stack(samples)
+
+
+class FullBatches:
+    """Re-iterable view of file batches that drops a short last batch.
+
+    For a model whose batch size is fixed: a short batch cannot run, and padding it would
+    add made-up samples to the statistics, so it is left out; ``dropped`` says how many
+    samples the last pass left out.
+    """
+
+    def __init__(self, data: Iterable[Any], size: int) -> None:
+        self.data, self.size, self.dropped = data, size, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.dropped = 0
+        for batch in self.data:
+            first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch
+            n = len(first)
+            if n == self.size:
+                yield batch
+            else:
+                self.dropped += n
 
 
 class ArrayBatches:

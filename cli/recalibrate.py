@@ -37,6 +37,28 @@ class _Cast:
             yield _cast_floats(batch, self.dtype)
 
 
+def _fit_fixed_batch(proto: Any, data: str, batches: Any, batch_size: int) -> Any:
+    """Cut file data in batches of the size an ONNX model fixes, and drop a short last one.
+
+    Only data bnfold reads itself (array files, image folders) can be re-cut; a
+    ``module:function`` loader keeps its own batches.
+    """
+    from bnfold.data import ArrayBatches, FullBatches, ImageBatches, load_data_spec
+
+    if not isinstance(batches, ArrayBatches | ImageBatches):
+        return batches
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    dims = [i.type.tensor_type.shape.dim for i in inputs if i.type.HasField("tensor_type")]
+    fixed = {d[0].dim_value for d in dims if len(d) and d[0].HasField("dim_value")}
+    if len(fixed) != 1 or (size := fixed.pop()) <= 0:
+        return batches
+    if size != batch_size:
+        console.print(f"note: the model fixes the batch size to {size}; reading the data so")
+        batches = load_data_spec(data, batch_size=size)
+    return FullBatches(batches, size)
+
+
 def _render(report: Any) -> None:
     from rich.table import Table
 
@@ -202,8 +224,15 @@ def recalibrate(
 
             if output.suffix.lower() != ".onnx":
                 raise BadInputError(f"an ONNX model is written as .onnx, not {output.name}")
-            report = measure(load_onnx(model), batches)
+            proto = load_onnx(model)
+            batches = _fit_fixed_batch(proto, data, batches, batch_size)
+            report = measure(proto, batches)
             _render(report)
+            if getattr(batches, "dropped", 0):
+                console.print(
+                    f"note: left out the last {batches.dropped} sample(s): a short batch that "
+                    "the model's fixed batch size cannot take (padding would bias the statistics)"
+                )
             save_onnx(report.model, output)
         else:
             import torch
