@@ -125,11 +125,7 @@ def _load_pickle(path: Path, allow_pickle: bool) -> tuple[Any, tuple[Any, ...] |
         safe_error = e
     else:
         if isinstance(obj, dict):
-            raise BadInputError(
-                f"{path} holds a state_dict (weights only, no network code); build the module "
-                "with its factory, call module.load_state_dict(torch.load(path)), then "
-                "bnfold.fold(module, example_inputs)"
-            )
+            raise BadInputError(_state_dict_message(path))
         if isinstance(obj, torch.nn.Module):
             return obj.eval(), None
         raise BadInputError(f"{path} holds a {type(obj).__name__}, not a model")
@@ -147,13 +143,20 @@ def _load_pickle(path: Path, allow_pickle: bool) -> tuple[Any, tuple[Any, ...] |
             "ExportedProgram, a TorchScript file, a pickled module or a reference model name"
         ) from e
     if isinstance(obj, dict):
-        raise BadInputError(
-            f"{path} holds a state_dict (weights only, no network code); build the module with "
-            "its factory, load_state_dict it, then call bnfold.fold(module, example_inputs)"
-        )
+        raise BadInputError(_state_dict_message(path))
     if not isinstance(obj, torch.nn.Module):
         raise BadInputError(f"{path} holds a {type(obj).__name__}, not an nn.Module")
     return obj, None
+
+
+def _state_dict_message(path: Path) -> str:
+    """The way forward for a weights-only file, for every command (fold, recalibrate, ...)."""
+    return (
+        f"{path} holds a state_dict (weights only, no network code); name the code that builds "
+        f"the network and pass the file as its weights: CLI `package.module:factory --weights "
+        f"{path}` (or timm:NAME / torchvision:NAME), Python bnfold.load_model('package.module:factory', "
+        "weights=...) and then bnfold.fold / bnfold.recalibrate / bnfold.export on the module"
+    )
 
 
 def require_foldable(model: Any, src: str) -> None:
