@@ -167,3 +167,22 @@ def test_constant_nodes_keep_their_tensors_checked(folder: Path) -> None:
     onnx.save(m, str(path))
     out = folder / "out" / "f.onnx"
     assert_refused(["fold", path, "-o", out], 2, outputs=[out], inputs=[path], match="'k'")
+
+
+def test_recalibrate_a_bare_state_dict_points_to_factory_and_weights(folder: Path) -> None:
+    import torch
+
+    from bnfold.models import build
+
+    weights = folder / "weights.pt"
+    torch.save(build("resnet-mini")[0].state_dict(), weights)
+    data = _npy(folder, "d.npy", (4, 3, 32, 32))
+    out = folder / "out" / "r.pt"
+    outcome = assert_refused(
+        ["recalibrate", weights, "--data", data, "-o", out, "--no-progress"],
+        2,
+        outputs=[out],
+        inputs=[weights],
+        match="--weights",
+    )
+    assert "bnfold.recalibrate" in " ".join(outcome.stderr.split())
