@@ -81,8 +81,8 @@ def parse_dtype(name: Any) -> Any:
     return getattr(torch, key)
 
 
-def input_names(model: Any) -> list[str]:
-    """Names of the positional inputs of ``model``'s forward (``x``, ``input_ids``, ...)."""
+def _positional_params(model: Any) -> list[inspect.Parameter]:
+    """The positional parameters of ``model``'s forward (none when it has no signature)."""
     import torch
 
     target = model.module() if isinstance(model, torch.export.ExportedProgram) else model
@@ -91,19 +91,16 @@ def input_names(model: Any) -> list[str]:
     except (TypeError, ValueError):
         return []
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in params if p.kind in kinds]
+    return [p for p in params if p.kind in kinds]
+
+
+def input_names(model: Any) -> list[str]:
+    """Names of the positional inputs of ``model``'s forward (``x``, ``input_ids``, ...)."""
+    return [p.name for p in _positional_params(model)]
 
 
 def _required_names(model: Any) -> list[str]:
-    import torch
-
-    target = model.module() if isinstance(model, torch.export.ExportedProgram) else model
-    try:
-        params = inspect.signature(target.forward).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+    return [p.name for p in _positional_params(model) if p.default is inspect.Parameter.empty]
 
 
 def _model_dtype(model: Any) -> Any:

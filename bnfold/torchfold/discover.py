@@ -140,6 +140,31 @@ def _non_finite(bn: BatchNorm, gm: fx.GraphModule) -> list[int]:
     return foldmath.non_finite_channels(mean, var, bn.eps, f64(bn.gamma), f64(bn.beta))
 
 
+def _conv_transpose_problem(layer: Layer) -> str:
+    return (
+        f"{layer.op} is a ConvTranspose: each output sums a position-dependent number of "
+        "inputs, so the BN shift cannot become a bias; fold it backward instead"
+    )
+
+
+def _forward_layer_problem(
+    bn: BatchNorm, layer: Layer, gm: fx.GraphModule, facts: SiteFacts, repeat: int
+) -> str | None:
+    """Why ``layer`` cannot absorb ``bn`` forward, whatever lies between them: a transposed
+    conv, or input features that are not the BN's channels ``repeat`` times."""
+    if layer.kind == "conv_transpose":
+        return _conv_transpose_problem(layer)
+    channels, bn_channels = _channels(layer, gm, "in"), _bn_channels(bn, gm)
+    if (
+        facts.partner_axis == facts.bn_axis
+        and channels is not None
+        and bn_channels is not None
+        and channels != bn_channels * repeat
+    ):
+        return f"{layer.op} reads {channels} features but the BN gives {bn_channels} x {repeat}"
+    return None
+
+
 def _base_facts(bn: BatchNorm, direction: Direction, gm: fx.GraphModule) -> SiteFacts:
     return SiteFacts(
         bn=bn.name,
@@ -278,23 +303,12 @@ def forward_site(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -
     else:
         facts.partner_axis = _axes(bn, layer, shape, gm)
     site.repeat = repeat or 1
-    if layer.kind == "conv_transpose" and not facts.unsupported:
-        facts.unsupported = (
-            f"{layer.op} is a ConvTranspose: each output sums a position-dependent number of "
-            "inputs, so the BN shift cannot become a bias; fold it backward instead"
+    if repeat is not None:
+        facts.unsupported = facts.unsupported or _forward_layer_problem(
+            bn, layer, gm, facts, site.repeat
         )
-    channels, bn_channels = _channels(layer, gm, "in"), _bn_channels(bn, gm)
-    if (
-        not facts.unsupported
-        and facts.partner_axis == facts.bn_axis
-        and channels is not None
-        and bn_channels is not None
-        and repeat is not None
-        and channels != bn_channels * site.repeat
-    ):
-        facts.unsupported = (
-            f"{layer.op} reads {channels} features but the BN gives {bn_channels} x {site.repeat}"
-        )
+    elif layer.kind == "conv_transpose" and not facts.unsupported:
+        facts.unsupported = _conv_transpose_problem(layer)
     if layer.zero_padding is not None:
         facts.padding = (
             f"{layer.op} pads with zeros (padding {layer.zero_padding}), so its border would see "

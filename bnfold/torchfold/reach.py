@@ -36,8 +36,10 @@ from bnfold.torchfold.discover import (
     Site,
     _axes,
     _base_facts,
+    _bn_channels,
     _channels,
     _dtype_problem,
+    _forward_layer_problem,
     _is_flatten,
     _shared,
     reads_values,
@@ -282,14 +284,6 @@ def _part(
     return part, facts
 
 
-def _bn_channels(bn: BatchNorm, gm: fx.GraphModule) -> int | None:
-    for ref in (bn.mean, bn.gamma):
-        t = _tensor(ref, gm)
-        if t is not None:
-            return int(t.numel())
-    return None
-
-
 def _backward(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -> Site:
     node = bn.input
     if _is_call(node, _CATS):
@@ -516,22 +510,9 @@ def _forward(bn: BatchNorm, gm: fx.GraphModule, uses: dict[int, set[str]]) -> Si
     else:
         facts.partner_axis = _axes(bn, layer, shape, gm)
     site.repeat = repeat or 1
-    if layer.kind == "conv_transpose" and not facts.unsupported:
-        facts.unsupported = (
-            f"{layer.op} is a ConvTranspose: each output sums a position-dependent number of "
-            "inputs, so the BN shift cannot become a bias"
-        )
-    channels, bn_channels = _channels(layer, gm, "in"), _bn_channels(bn, gm)
-    if (
-        not facts.unsupported
-        and facts.partner_axis == facts.bn_axis
-        and channels is not None
-        and bn_channels is not None
-        and channels != bn_channels * site.repeat
-    ):
-        facts.unsupported = (
-            f"{layer.op} reads {channels} features but the BN gives {bn_channels} x {site.repeat}"
-        )
+    facts.unsupported = facts.unsupported or _forward_layer_problem(
+        bn, layer, gm, facts, site.repeat
+    )
     facts.padding = padding
     if layer.zero_padding is not None and padding is None:
         facts.padding = (

@@ -18,6 +18,7 @@ from torchfold_util import randomise, rel_err
 
 import bnfold
 from bnfold import SkipCode
+from bnfold.models.patterns import LinearNorm
 from bnfold.sites import Direction
 from bnfold.torchfold import count_batchnorms
 
@@ -163,19 +164,6 @@ def test_cat_along_a_spatial_dim_is_kept() -> None:
 
 
 # ---- Linear -> flatten -> BatchNorm1d -> reshape -------------------------------------------
-
-
-class LinearNorm(nn.Module):
-    """timm LeViT's LinearNorm."""
-
-    def __init__(self, cin: int = 4, cout: int = 6) -> None:
-        super().__init__()
-        self.linear = nn.Linear(cin, cout, bias=False)
-        self.bn = nn.BatchNorm1d(cout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(x)
-        return self.bn(x.flatten(0, 1)).reshape_as(x)
 
 
 class Levitish(nn.Module):
