@@ -146,7 +146,6 @@ class FrontierStore:
         """Replace batch ``key``'s checkpoint by ``values``; False (old one kept) if no room."""
         old = self._entries.get(key)
         memory_free = self._memory_budget - self._memory + (old.memory if old else 0)
-        disk_free = self._disk_room() + (old.disk if old else 0)
         kept: dict[str, Any] = {}
         to_spill: list[tuple[str, torch.Tensor, tuple[int, ...]]] = []
         need = _memory_bytes(values)
@@ -169,7 +168,9 @@ class FrontierStore:
                 self.stats.refused += 1
                 return False
             spill_bytes = sum(v.numel() * v.element_size() for _n, v, _p in to_spill)
-            if spill_bytes > disk_free:
+            # the free disk space is asked only when something must spill (a statvfs per
+            # checkpoint would cost more than the bookkeeping it guards)
+            if spill_bytes > self._disk_room() + (old.disk if old else 0):
                 self.stats.refused += 1
                 return False
         spilled: dict[str, _Spilled] = {}
@@ -181,7 +182,11 @@ class FrontierStore:
             self.stats.refused += 1
             return False
         kept = {k: spilled.get(k, v) for k, v in values.items()}
-        memory = _memory_bytes({k: v for k, v in kept.items() if not isinstance(v, _Spilled)})
+        memory = (
+            _memory_bytes({k: v for k, v in kept.items() if not isinstance(v, _Spilled)})
+            if spilled
+            else need
+        )
         disk = sum(s.nbytes for s in spilled.values())
         if old is not None:
             self._release(old)
