@@ -37,8 +37,43 @@ class _Cast:
             yield _cast_floats(batch, self.dtype)
 
 
-def _fit_fixed_batch(proto: Any, data: str, batches: Any, batch_size: int) -> Any:
-    """Cut file data in batches of the size an ONNX model fixes, and drop a short last one.
+def _fixed_batch_size(model: Any) -> int | None:
+    """The batch size a model's inputs fix, or None when it is free (or not one size).
+
+    An ONNX model fixes it with a ``dim_value`` on the first axis of its inputs; a ``.pt2``
+    ExportedProgram exported without ``dynamic_shapes`` (the default) with a static first
+    dimension on its user inputs' example values.
+    """
+    sizes: set[int] = set()
+    if hasattr(model, "graph") and hasattr(model.graph, "initializer"):  # onnx.ModelProto
+        initializers = {t.name for t in model.graph.initializer}
+        for i in model.graph.input:
+            if i.name in initializers or not i.type.HasField("tensor_type"):
+                continue
+            dims = i.type.tensor_type.shape.dim
+            if not dims or not dims[0].HasField("dim_value"):
+                return None
+            sizes.add(dims[0].dim_value)
+    else:
+        import torch
+
+        if not isinstance(model, torch.export.ExportedProgram):
+            return None
+        user = set(model.graph_signature.user_inputs)
+        for node in model.graph.nodes:
+            val = node.meta.get("val") if node.op == "placeholder" and node.name in user else None
+            if not isinstance(val, torch.Tensor):
+                continue
+            if val.dim() == 0 or not isinstance(val.shape[0], int):
+                return None
+            sizes.add(val.shape[0])
+    if len(sizes) != 1 or (size := sizes.pop()) <= 0:
+        return None
+    return size
+
+
+def _fit_fixed_batch(model: Any, data: str, batches: Any, batch_size: int) -> Any:
+    """Cut file data in batches of the size the model fixes, and drop a short last one.
 
     Only data bnfold reads itself (array files, image folders) can be re-cut; a
     ``module:function`` loader keeps its own batches.
@@ -47,16 +82,21 @@ def _fit_fixed_batch(proto: Any, data: str, batches: Any, batch_size: int) -> An
 
     if not isinstance(batches, ArrayBatches | ImageBatches):
         return batches
-    initializers = {t.name for t in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in initializers]
-    dims = [i.type.tensor_type.shape.dim for i in inputs if i.type.HasField("tensor_type")]
-    fixed = {d[0].dim_value for d in dims if len(d) and d[0].HasField("dim_value")}
-    if len(fixed) != 1 or (size := fixed.pop()) <= 0:
+    size = _fixed_batch_size(model)
+    if size is None:
         return batches
     if size != batch_size:
         console.print(f"note: the model fixes the batch size to {size}; reading the data so")
         batches = load_data_spec(data, batch_size=size)
     return FullBatches(batches, size)
+
+
+def _note_dropped(batches: Any) -> None:
+    if getattr(batches, "dropped", 0):
+        console.print(
+            f"note: left out the last {batches.dropped} sample(s): a short batch that "
+            "the model's fixed batch size cannot take (padding would bias the statistics)"
+        )
 
 
 def _render(report: Any) -> None:
@@ -228,11 +268,7 @@ def recalibrate(
             batches = _fit_fixed_batch(proto, data, batches, batch_size)
             report = measure(proto, batches)
             _render(report)
-            if getattr(batches, "dropped", 0):
-                console.print(
-                    f"note: left out the last {batches.dropped} sample(s): a short batch that "
-                    "the model's fixed batch size cannot take (padding would bias the statistics)"
-                )
+            _note_dropped(batches)
             save_onnx(report.model, output)
         else:
             import torch
@@ -248,8 +284,10 @@ def recalibrate(
             target = loaded.model
             module = target.module() if isinstance(target, torch.export.ExportedProgram) else target
             dtype = next((p.dtype for p in module.parameters()), torch.float32)
+            batches = _fit_fixed_batch(target, data, batches, batch_size)
             report = measure(module, _Cast(batches, dtype))
             _render(report)
+            _note_dropped(batches)
             if example is None:
                 from bnfold.recalib.data import first_input
 

@@ -84,6 +84,27 @@ def test_recalibrate_onnx_reads_data_in_the_models_fixed_batch_size(
     assert "4 samples" in text and out.exists()
 
 
+def test_recalibrate_pt2_reads_data_in_the_programs_fixed_batch_size(folder: Path) -> None:
+    """A .pt2 exported without dynamic shapes (the default) fixes its batch size: the data is
+    read in batches of that size and the short last batch is left out, with a note, where
+    the default --batch-size 32 would be refused by the program's input check."""
+    import torch
+
+    from bnfold.models import build
+
+    module, x = build("resnet-mini")
+    program = folder / "static.pt2"
+    torch.export.save(torch.export.export(module, (x,)), program)
+    data = _npy(folder, "d.npy", (5, *x.shape[1:]))
+    out = folder / "out" / "r.pt2"
+    outcome = run(["recalibrate", program, "--data", data, "-o", out, "--no-progress"])
+    assert outcome.code == 0, outcome.stderr
+    text = " ".join(outcome.stdout.split())
+    assert x.shape[0] == 2
+    assert "fixes the batch size to 2" in text and "left out the last 1 sample(s)" in text
+    assert out.exists()
+
+
 def test_a_folder_mixing_sample_shapes(folder: Path, model_file: Path) -> None:
     data = folder / "mixed"
     data.mkdir()
