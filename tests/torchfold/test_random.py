@@ -96,6 +96,8 @@ def check_program(seed: int, decompose: bool) -> bool:
     n_bn = len(_bn_nodes(gm))
     with torch.no_grad():
         ref = gm(x.clone())
+        # the same network in float64, for the rounding floor of the unfolded model
+        ref64 = copy.deepcopy(model).double()(x.double())
     for direction in DIRECTIONS:
         folded, report = bnfold.fold(program, direction=direction)
         assert isinstance(folded, torch.export.ExportedProgram)
@@ -104,8 +106,14 @@ def check_program(seed: int, decompose: bool) -> bool:
         assert all(d.folded or d.code is not None for d in report.decisions)
         with torch.no_grad():
             out = folded.module()(x.clone())
-        for r, o in zip(ref, out, strict=True):
-            assert rel_err(r, o) <= TOLERANCE[torch.float32], f"seed {seed} {direction}"
+        for r, o, r64 in zip(ref, out, ref64, strict=True):
+            err = rel_err(r, o)
+            # as in check_seed: where the network amplifies rounding (how much depends on the
+            # CPU's kernels), the folded program must be as close to float64 as the original
+            floor = 4 * rel_err(r64, r)
+            assert err <= TOLERANCE[torch.float32] or rel_err(r64, o) <= max(
+                TOLERANCE[torch.float32], floor
+            ), f"seed {seed} {direction}: rel err {err:.3g}"
     return True
 
 
