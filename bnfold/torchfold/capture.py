@@ -6,7 +6,8 @@ Python), which needs ``example_inputs``. Symbolic tracing is preferred because
 
 - it keeps ``call_module`` nodes that name the user's own submodules, so the folded result
   can be a copy of the user's module (same class, same methods, same ``state_dict`` names)
-  with parameters updated and folded BNs replaced by ``nn.Identity``;
+  with parameters updated and folded BNs replaced by ``nn.Identity`` (or deleted from a
+  plain ``nn.Sequential``);
 - it needs no example input, and costs no compilation;
 - it shows functional ``F.batch_norm`` calls as such.
 

@@ -12,7 +12,9 @@ What comes back:
 
 - an ``nn.Module`` whose folds all joined a BN *module* to a Conv/Linear *module* comes back
   as a copy of itself (same class and methods; other layers keep their ``state_dict`` names)
-  with the layer parameters updated and the folded BN modules replaced by ``nn.Identity``;
+  with the layer parameters updated and the folded BN modules replaced by ``nn.Identity``
+  (deleted from a plain ``nn.Sequential``, whose other entries keep their keys: see
+  :func:`bnfold.torchfold.bnlike.put_after_fold`);
 - otherwise (a functional ``F.batch_norm`` or ``F.conv2d`` fold, a GraphModule input, or a
   module that needed torch.export) the rewritten ``torch.fx.GraphModule``;
 - an ``ExportedProgram`` input comes back as a new ExportedProgram, exported from the folded
@@ -36,7 +38,7 @@ from bnfold.errors import BadInputError, UnsupportedModelError
 from bnfold.guards import both_sides, check
 from bnfold.report import FoldReport
 from bnfold.sites import Direction, FoldDecision, SkipCode
-from bnfold.torchfold.bnlike import after_fold
+from bnfold.torchfold.bnlike import put_after_fold
 from bnfold.torchfold.capture import Captured, CaptureError, capture
 from bnfold.torchfold.discover import Site, backward_site, forward_site, usage_map
 from bnfold.torchfold.load import load_torch, require_foldable
@@ -214,7 +216,7 @@ def _transplant(model: nn.Module, root: nn.Module, decisions: list[FoldDecision]
             value = ref.get(root)
             assert isinstance(value, nn.Parameter)
             model.get_submodule(ref.owner).register_parameter(ref.attr, value)
-        model.set_submodule(d.bn, after_fold(model.get_submodule(d.bn)))
+        put_after_fold(model, d.bn)
 
 
 def _unseen(model: nn.Module, decisions: list[FoldDecision], kind: str) -> list[FoldDecision]:
@@ -252,7 +254,8 @@ def _describe(model: Any, cap: Captured, folded: list[Site]) -> str:
     if _module_result(cap, folded):
         return (
             f"{cls}, the given model's own class: folded layers updated, each folded BN "
-            "replaced by nn.Identity (or by the activation a BN+act layer applied)"
+            "replaced by nn.Identity (deleted from an nn.Sequential; the other entries keep "
+            "their keys) or by the activation a BN+act layer applied"
         )
     if cap.kind == "graph":
         return "torch.fx.GraphModule, the given graph rewritten"
@@ -331,9 +334,7 @@ def fold_whole(
             return model, report
         for site in folded:
             assert site.bn.module is not None
-            cap.root.set_submodule(
-                site.bn.module, after_fold(cap.root.get_submodule(site.bn.module))
-            )
+            put_after_fold(cap.root, site.bn.module)
         return cap.root, report
     prune(cap.gm)
     if cap.from_program:

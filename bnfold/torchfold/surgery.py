@@ -91,5 +91,5 @@ def surgery_from_graph(
     for s in folded:
         assert s.bn.mean is not None
         path = s.bn.mean.owner
-        out.set_submodule(path, bnlike.after_fold(out.get_submodule(path)))
+        bnlike.put_after_fold(out, path)
     return out

@@ -101,7 +101,7 @@ def test_bn_chain_collapses_into_one_conv_and_reports_provenance() -> None:
     assert set(last.params["0.bias"]) == {
         f"{m}.{p}" for m in (1, 2) for p in ("weight", "bias", "running_mean", "running_var")
     }
-    assert folded[0].bias is not None and isinstance(folded[1], nn.Identity)
+    assert folded[0].bias is not None and list(folded._modules) == ["0"]
 
 
 def test_original_untouched_unless_inplace() -> None:
@@ -113,7 +113,7 @@ def test_original_untouched_unless_inplace() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     ref = model(x)
     same, _ = fold_torch(model, x, inplace=True)
-    assert same is model and isinstance(model[1], nn.Identity)
+    assert same is model and list(model._modules) == ["0"]
     assert rel_err(ref, model(x)) <= 1e-5
 
 
@@ -213,3 +213,33 @@ def test_functional_layers_without_bias_get_one() -> None:
     new_names = set(back.params) | set(fwd.params)
     assert new_names == {"w", "w_bias", "w2", "w2_bias"} == set(folded.state_dict())
     assert "w2" in fwd.params["w2_bias"]  # the shift reaches the bias through the weight
+
+
+def test_folded_bns_leave_no_identity_call_and_keep_the_other_keys() -> None:
+    """A BN folded out of a plain nn.Sequential is deleted from it (no Identity call left);
+    a BN held as an attribute, or in a Sequential subclass with its own forward, becomes an
+    Identity. Either way the remaining state_dict keys are the original's."""
+
+    class Custom(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            return super().forward(x) * 2
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+            self.custom = Custom(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.custom(self.bn(self.conv(self.seq(x))))
+
+    model = randomise(Net())
+    folded, report = _check_exact(model, torch.randn(2, 3, 8, 8))
+    assert all(d.folded for d in report.decisions)
+    assert list(folded.seq._modules) == ["0", "2"]
+    assert type(folded.bn) is nn.Identity and type(folded.custom[1]) is nn.Identity
+    kept = {k for k in model.state_dict() if not k.startswith(("seq.1.", "bn.", "custom.1."))}
+    assert set(folded.state_dict()) == kept | {"seq.0.bias", "conv.bias", "custom.0.bias"}
+    assert sum(type(m) is nn.Identity for m in folded.modules()) == 2
