@@ -23,10 +23,14 @@ def randomise_batchnorm(model: nn.Module, gen: torch.Generator) -> None:
 
 
 def strip_batchnorm(model: nn.Module) -> None:
-    """Replace every BN submodule by Identity, in place."""
+    """Remove every BN submodule, in place: deleted from a plain ``nn.Sequential`` (the
+    network built without it), replaced by ``nn.Identity`` where a forward calls it by name."""
     for name, child in list(model.named_children()):
         if isinstance(child, _BN):
-            setattr(model, name, nn.Identity())
+            if type(model).forward is nn.Sequential.forward:
+                del model._modules[name]
+            else:
+                setattr(model, name, nn.Identity())
         else:
             strip_batchnorm(child)
 
