@@ -13,6 +13,7 @@ the timing rules live here once so every table is measured the same way:
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import importlib
@@ -58,18 +59,35 @@ def best_time(fn: Callable[[], object], repeat: int) -> float:
 
 
 def interleaved(
-    runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+    runs: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    min_sample_s: float = 0.005,
 ) -> dict[str, list[float]]:
-    """Seconds of each run over ``repeats`` rounds, the runs taking turns within a round."""
-    for fn in runs.values():
-        for _ in range(warmup):
+    """Seconds per call of each run over ``repeats`` rounds, the runs taking turns in a round.
+
+    Two things keep sub-millisecond runs comparable: a run faster than ``min_sample_s`` is
+    called several times per sample (the count set from its warm-up call), so one sample is
+    not a single timer-resolution call; and the order of the runs rotates by one every
+    round, so no run always follows the same other run (whose cache footprint and allocator
+    state it would otherwise inherit: a fixed order measured the same model 2-6% apart).
+    """
+    calls: dict[str, int] = {}
+    for name, fn in runs.items():
+        t0 = time.perf_counter()
+        for _ in range(max(warmup, 1)):
             fn()  # first-call compilation, allocator growth, lazy library loads
+        single = (time.perf_counter() - t0) / max(warmup, 1)
+        calls[name] = max(1, min(1000, int(min_sample_s / max(single, 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
+    names = list(runs)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, n = runs[name], calls[name]
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - t0) / n)
     return times
 
 
@@ -203,3 +221,43 @@ def export_onnx_keep_bn(module: Any, example: Any, exporter: str = "torchscript"
             dynamic_axes={"input": {0: "batch"}},
         )
         return onnx.load_from_string(buf.getvalue())
+
+
+def without_bn(model: Any) -> Any:
+    """The same network built without its BN-like layers: the limit a fold can reach.
+
+    Each layer becomes what stays of it when folded (its activation for timm's BN+act
+    layers), deleted from a plain ``nn.Sequential``: the replacement a fold makes
+    (:func:`bnfold.torchfold.bnlike.put_after_fold`), minus the shift the fold writes into the
+    neighbouring layer's bias. The given model is not changed.
+    """
+    from bnfold.torchfold.bnlike import is_bn_like, put_after_fold
+
+    out = copy.deepcopy(model)
+    paths: list[str] = []
+    for path, m in out.named_modules():
+        if path and is_bn_like(m) and not any(path.startswith(p + ".") for p in paths):
+            paths.append(path)
+    for path in paths:
+        put_after_fold(out, path)
+    return out
+
+
+def with_biases_of(limit: Any, folded: Any) -> Any:
+    """``limit`` with a zero bias on every layer that has none where ``folded`` has one.
+
+    The BN-free network as it would be trained (``nn.Conv2d``/``nn.Linear`` default to
+    ``bias=True``; only a layer followed by a BN drops it): the same layers, the same calls
+    and the bias adds a fold must write (the BN's shift), so a folded model can match it but
+    not beat it. Layers are matched by module path; the given ``limit`` is not changed.
+    """
+    import torch
+
+    out = copy.deepcopy(limit)
+    have = dict(folded.named_modules()) if isinstance(folded, torch.nn.Module) else {}
+    for path, m in out.named_modules():
+        other = have.get(path)
+        bias = getattr(other, "bias", None)
+        if isinstance(bias, torch.Tensor) and getattr(m, "bias", bias) is None:
+            m.bias = torch.nn.Parameter(torch.zeros_like(bias))
+    return out

@@ -6,7 +6,9 @@ why (skip codes), the max error relative to the output scale against the model r
 float64 (beside the unfolded float32 model's own error, the floor), the fold time, and the
 folded model's eager CPU latency (1 thread, median of interleaved runs) as a ratio to the
 same network with every BN-like layer replaced by what stays of it when folded (``nn.Identity``,
-or a timm BN+act layer's activation): the "no-BN" limit a fold can reach.
+or a timm BN+act layer's activation; deleted from a plain ``nn.Sequential``), and to that
+network with a zero bias on every layer the fold gave a bias (the BN-free network as it
+would be trained: the bias add is the BN shift a fold must keep).
 
 Detection models are compared on their backbone features (boxes after NMS of random-weight
 detectors are not a smooth function of the weights) and are not timed.
@@ -33,10 +35,12 @@ import torch
 from torch import nn
 
 from bnfold.torchfold import fold_torch
-from bnfold.torchfold.bnlike import after_fold
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "torchfold"))
 from realnets import bn_like_paths, randomise_bn_like
+
+from bench.common import with_biases_of, without_bn
 
 
 def _timm(name: str, frozen: bool = False) -> Callable[[], nn.Module]:
@@ -162,14 +166,6 @@ MODELS: dict[str, tuple[str, Callable[[], nn.Module], str]] = {
 }
 
 
-def no_bn(model: nn.Module) -> nn.Module:
-    """The network with every BN-like layer replaced by what stays of it (the limit)."""
-    out = copy.deepcopy(model)
-    for path in bn_like_paths(out):
-        out.set_submodule(path, after_fold(out.get_submodule(path)))
-    return out
-
-
 def median_ratio(a: Callable[[], Any], b: Callable[[], Any], repeats: int) -> float:
     """Median over rounds of time(a) / time(b), the two run back to back in each round."""
     ratios = []
@@ -229,14 +225,16 @@ def run(name: str, size: int, repeats: int) -> dict[str, Any]:
             out = folded.backbone(batch.tensors)
             row["own_err"] = max(_rel(ref64[k], own[k]) for k in ref64)
             row["err"] = max(_rel(ref64[k], out[k]) for k in ref64)
-            row["latency_vs_no_bn"] = None
+            row["latency_vs_no_bn"] = row["latency_vs_no_bn_bias"] = None
             return row
         ref = copy.deepcopy(model).double()(x.double())
         row["own_err"] = _rel(ref, model(x))
         row["err"] = _rel(ref, folded(x))
-    limit = no_bn(model)
+    limit = without_bn(model)
     torch.set_num_threads(1)
+    biased = with_biases_of(limit, folded)
     row["latency_vs_no_bn"] = median_ratio(lambda: folded(x), lambda: limit(x), repeats)
+    row["latency_vs_no_bn_bias"] = median_ratio(lambda: folded(x), lambda: biased(x), repeats)
     return row
 
 
@@ -251,9 +249,9 @@ def main() -> None:
     rows = []
     print(
         "| model | library | BN-like | folded bwd / fwd | kept (reasons) | max rel err "
-        "(unfolded fp32) | fold s | latency vs no-BN |"
+        "(unfolded fp32) | fold s | latency vs no-BN | vs no-BN with biases |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in chosen:
         threads = torch.get_num_threads()
         try:
@@ -266,12 +264,13 @@ def main() -> None:
         rows.append(row)
         kept = sum(row["kept"].values())
         reasons = ", ".join(f"{k} {v}" for k, v in row["kept"].items())
-        lat = row["latency_vs_no_bn"]
+        lat, lat_b = row["latency_vs_no_bn"], row["latency_vs_no_bn_bias"]
         print(
             f"| {name} | {row['library']} | {row['bn_like']} | {row['backward']} / "
             f"{row['forward']} | {kept}{f' ({reasons})' if reasons else ''} | "
             f"{row['err']:.1e} ({row['own_err']:.1e}) | {row['fold_s']:.2f} | "
-            f"{f'{lat:.3f}x' if lat is not None else 'n/a (detection)'} |",
+            f"{f'{lat:.3f}x' if lat is not None else 'n/a (detection)'} | "
+            f"{f'{lat_b:.3f}x' if lat_b is not None else 'n/a'} |",
             flush=True,
         )
     if opts.json:

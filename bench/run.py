@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import platform
 import sys
@@ -79,27 +78,10 @@ def real_models() -> tuple[list[tuple[str, Callable[[], Any]]], list[str]]:
                 model = timm.create_model(arch, pretrained=False)
             nets.randomise_batchnorm(model, gen)
             model.eval()
-            limit = copy.deepcopy(model)
-            _strip_all_bn(limit)
-            return model, torch.randn(shape, generator=gen), limit
+            return model, torch.randn(shape, generator=gen), common.without_bn(model)
 
         found.append((f"{lib}:{arch}", make))
     return found, notes
-
-
-def _strip_all_bn(model: torch.nn.Module) -> None:
-    """Every BatchNorm (subclasses too, e.g. timm's BatchNormAct2d) becomes what it does
-    without normalising: Identity, or for BatchNormAct2d its activation."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    for name, child in list(model.named_children()):
-        if isinstance(child, _BatchNorm):
-            act = getattr(child, "act", None)
-            drop = getattr(child, "drop", None)
-            parts = [m for m in (drop, act) if isinstance(m, torch.nn.Module)]
-            setattr(model, name, torch.nn.Sequential(*parts) if parts else torch.nn.Identity())
-        else:
-            _strip_all_bn(child)
 
 
 def model_list(args: argparse.Namespace) -> tuple[list[tuple[str, Callable[[], Any]]], list[str]]:
@@ -178,7 +160,7 @@ def torch_section(models: list[tuple[str, Callable[[], Any]]], quick: bool) -> d
             print(f"  torch: {name}", file=sys.stderr, flush=True)
             try:
                 model, x, limit = make()
-                repeats = 5 if quick or _heavy(model) else 30
+                repeats = 5 if quick or _heavy(model) else 100
                 rows.append(torch_fold.model_row(name, model, x, limit, repeats))
             except Exception as e:
                 rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
@@ -410,7 +392,7 @@ def torch_markdown(result: dict[str, Any]) -> str:
     rows = []
     for r in result["zoo"]:
         if "error" in r:
-            rows.append((r["model"], "error", r["error"], *[""] * (2 + len(peer_names))))
+            rows.append((r["model"], "error", r["error"], *[""] * (5 + len(peer_names))))
             continue
         cells = []
         for p in peer_names:
@@ -432,6 +414,10 @@ def torch_markdown(result: dict[str, Any]) -> str:
                 f"{r['original_ms']:.3f}",
                 f"{r['bnfold_ratio']:.3f}",
                 _cell(r["limit_ratio"]) if r["limit_ratio"] is None else f"{r['limit_ratio']:.3f}",
+                _cell(r["vs_limit"]) if r["vs_limit"] is None else f"{r['vs_limit']:.3f}",
+                _cell(r["vs_limit_bias"])
+                if r["vs_limit_bias"] is None
+                else f"**{r['vs_limit_bias']:.3f}**",
                 f"{left} ({r['bnfold_err']})",
                 *cells,
             )
@@ -444,6 +430,8 @@ def torch_markdown(result: dict[str, Any]) -> str:
             "original ms",
             "bnfold / orig",
             "no-BN / orig",
+            "bnfold / no-BN",
+            "bnfold / no-BN with biases",
             "bnfold: left (err)",
             *[f"{p}: left (err, latency/orig)" for p in peer_names],
         ],

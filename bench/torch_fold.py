@@ -35,16 +35,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import installed, interleaved, medians_ms, rel_err
+from bench.common import installed, interleaved, medians_ms, rel_err, time_ratio, with_biases_of
 from bnfold.models import build, names
 from bnfold.models.patterns import ConvAddBN, LinearNorm, MixConv, PoolHead
 from bnfold.torchfold import count_batchnorms, fold_torch
-
-
-def median_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median wall time per call of each function, measured round-robin (same conditions)."""
-    with torch.inference_mode():
-        return medians_ms(interleaved(fns, repeats, warmup=3))
 
 
 def peer(
@@ -122,6 +116,8 @@ def model_row(
     }
     if limit is not None:
         runs["no-bn"] = lambda m=limit, x=x: m(x)
+        biased = with_biases_of(limit, folded)
+        runs["no-bn+bias"] = lambda m=biased, x=x: m(x)
     for peer_name, (module, fuser) in PEERS.items():
         if installed(module, module.split(".")[0]) is None:
             peers[peer_name] = {"status": "not installed"}
@@ -130,7 +126,9 @@ def model_row(
         peers[peer_name] = {"bn_left": left, "max_rel_err": perr}
         if fused is not None:
             runs[peer_name] = lambda m=fused, x=x: m(x)
-    ms = median_ms(runs, repeats)
+    with torch.inference_mode():
+        times = interleaved(runs, repeats, warmup=3)
+    ms = medians_ms(times)
     for peer_name, entry in peers.items():
         if peer_name in ms:
             entry["ratio"] = ms[peer_name] / ms["original"]
@@ -140,6 +138,11 @@ def model_row(
         "original_ms": ms["original"],
         "bnfold_ratio": ms["bnfold"] / ms["original"],
         "limit_ratio": ms["no-bn"] / ms["original"] if "no-bn" in ms else None,
+        # folded / limit as the median of per-round ratios (the two ran back to back)
+        "vs_limit": time_ratio(times["no-bn"], times["bnfold"]) if "no-bn" in times else None,
+        "vs_limit_bias": (
+            time_ratio(times["no-bn+bias"], times["bnfold"]) if "no-bn+bias" in times else None
+        ),
         "bnfold_left": count_batchnorms(folded),
         "bnfold_reasons": report.summary()["skipped_by_code"],
         "bnfold_err": f"{err:.1e}",
@@ -312,14 +315,16 @@ def main() -> None:
     rows = zoo_rows([m for m in args.models.split(",") if m], args.repeats)
     print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} interleaved runs\n")
     print(
-        "| model | BN | original ms | bnfold / orig | no-BN / orig | BN left: bnfold | fuse | "
-        "fuse_fx | max rel err: bnfold | fuse | fuse_fx |"
+        "| model | BN | original ms | bnfold / orig | no-BN / orig | bnfold / no-BN | "
+        "bnfold / no-BN with biases | BN left: bnfold | fuse | fuse_fx | max rel err: bnfold | "
+        "fuse | fuse_fx |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['bn']} | {r['original_ms']:.3f} | {r['bnfold_ratio']:.3f} | "
-            f"{r['limit_ratio']:.3f} | {r['bnfold_left']} | {r['fuse'][0]} | {r['fuse_fx'][0]} | "
+            f"{r['limit_ratio']:.3f} | {r['vs_limit']:.3f} | {r['vs_limit_bias']:.3f} | "
+            f"{r['bnfold_left']} | {r['fuse'][0]} | {r['fuse_fx'][0]} | "
             f"{r['bnfold_err']} | {r['fuse'][1]} | {r['fuse_fx'][1]} |"
         )
     cases = case_rows()
