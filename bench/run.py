@@ -107,6 +107,18 @@ def _heavy(model: torch.nn.Module) -> bool:
     return sum(p.numel() for p in model.parameters()) > 5_000_000
 
 
+def _latency_rounds(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Timing rounds by the cost of one call: 100 below 5 ms, 30 below 60 ms, else 5, so the
+    suite fits 15 min on 2 cores while the small models, whose ratios move most between
+    rounds, get the most."""
+    with torch.inference_mode():
+        model(x)
+        t0 = time.perf_counter()
+        model(x)
+        single = time.perf_counter() - t0
+    return 100 if single < 0.005 else 30 if single < 0.06 else 5
+
+
 def section(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
     """Run one section; a failure is recorded (and printed) and the suite goes on."""
     t0 = time.perf_counter()
@@ -160,7 +172,7 @@ def torch_section(models: list[tuple[str, Callable[[], Any]]], quick: bool) -> d
             print(f"  torch: {name}", file=sys.stderr, flush=True)
             try:
                 model, x, limit = make()
-                repeats = 5 if quick or _heavy(model) else 100
+                repeats = 5 if quick else _latency_rounds(model, x)
                 rows.append(torch_fold.model_row(name, model, x, limit, repeats))
             except Exception as e:
                 rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
@@ -392,7 +404,7 @@ def torch_markdown(result: dict[str, Any]) -> str:
     rows = []
     for r in result["zoo"]:
         if "error" in r:
-            rows.append((r["model"], "error", r["error"], *[""] * (5 + len(peer_names))))
+            rows.append((r["model"], "error", r["error"], *[""] * (6 + len(peer_names))))
             continue
         cells = []
         for p in peer_names:
@@ -414,6 +426,7 @@ def torch_markdown(result: dict[str, Any]) -> str:
                 f"{r['original_ms']:.3f}",
                 f"{r['bnfold_ratio']:.3f}",
                 _cell(r["limit_ratio"]) if r["limit_ratio"] is None else f"{r['limit_ratio']:.3f}",
+                f"{r['noise']:.3f}",
                 _cell(r["vs_limit"]) if r["vs_limit"] is None else f"{r['vs_limit']:.3f}",
                 _cell(r["vs_limit_bias"])
                 if r["vs_limit_bias"] is None
@@ -430,6 +443,7 @@ def torch_markdown(result: dict[str, Any]) -> str:
             "original ms",
             "bnfold / orig",
             "no-BN / orig",
+            "A/A: original copy / original",
             "bnfold / no-BN",
             "bnfold / no-BN with biases",
             "bnfold: left (err)",

@@ -110,8 +110,10 @@ def model_row(
     with torch.no_grad():
         err = rel_err(model(x), folded(x))
     peers: dict[str, dict[str, Any]] = {}
+    twin = copy.deepcopy(model)
     runs: dict[str, Callable[[], Any]] = {
         "original": lambda m=model, x=x: m(x),
+        "original copy": lambda m=twin, x=x: m(x),  # A/A control: the noise of one ratio
         "bnfold": lambda m=folded, x=x: m(x),
     }
     if limit is not None:
@@ -138,6 +140,8 @@ def model_row(
         "original_ms": ms["original"],
         "bnfold_ratio": ms["bnfold"] / ms["original"],
         "limit_ratio": ms["no-bn"] / ms["original"] if "no-bn" in ms else None,
+        # the same model timed twice: how far a ratio of two equal networks moves here
+        "noise": time_ratio(times["original"], times["original copy"]),
         # folded / limit as the median of per-round ratios (the two ran back to back)
         "vs_limit": time_ratio(times["no-bn"], times["bnfold"]) if "no-bn" in times else None,
         "vs_limit_bias": (
@@ -315,15 +319,15 @@ def main() -> None:
     rows = zoo_rows([m for m in args.models.split(",") if m], args.repeats)
     print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} interleaved runs\n")
     print(
-        "| model | BN | original ms | bnfold / orig | no-BN / orig | bnfold / no-BN | "
+        "| model | BN | original ms | bnfold / orig | no-BN / orig | A/A | bnfold / no-BN | "
         "bnfold / no-BN with biases | BN left: bnfold | fuse | fuse_fx | max rel err: bnfold | "
         "fuse | fuse_fx |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['bn']} | {r['original_ms']:.3f} | {r['bnfold_ratio']:.3f} | "
-            f"{r['limit_ratio']:.3f} | {r['vs_limit']:.3f} | {r['vs_limit_bias']:.3f} | "
+            f"{r['limit_ratio']:.3f} | {r['noise']:.3f} | {r['vs_limit']:.3f} | {r['vs_limit_bias']:.3f} | "
             f"{r['bnfold_left']} | {r['fuse'][0]} | {r['fuse_fx'][0]} | "
             f"{r['bnfold_err']} | {r['fuse'][1]} | {r['fuse_fx'][1]} |"
         )
