@@ -27,7 +27,10 @@ carry fake-tensor shapes already.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -111,6 +114,22 @@ def _program_example(program: Any) -> tuple[Any, ...] | None:
     return tuple(torch.zeros(tuple(int(d) for d in v.shape), dtype=v.dtype) for v in vals)
 
 
+def _export_quietly(root: nn.Module, example: tuple[Any, ...]) -> torch.export.ExportedProgram:
+    """``torch.export.export``, without its partial-graph dump when it fails.
+
+    On a failed capture torch.export prints the partial FX graph to stderr (450 KB for
+    torchvision's SSDlite) before raising; bnfold then falls back to partial capture and
+    reports the export error itself, so the dump is dropped. What export writes to stderr on
+    success (warnings) is passed on.
+    """
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer):
+        program = torch.export.export(root, example)
+    if buffer.getvalue():
+        sys.stderr.write(buffer.getvalue())
+    return program
+
+
 def _require_initialised(model: nn.Module) -> None:
     """Refuse a model with lazy modules that have not run yet (their weights have no shape).
 
@@ -188,7 +207,7 @@ def capture(model: Any, example_inputs: Any = None, *, inplace: bool = False) ->
                 "pass example_inputs so bnfold can capture it with torch.export"
             ) from trace_error
         try:
-            program = torch.export.export(root, example)
+            program = _export_quietly(root, example)
         except Exception as export_error:
             raise CaptureError(
                 f"{type(model).__name__} can be captured neither by torch.fx symbolic tracing "
