@@ -38,11 +38,12 @@ class _Cast:
 
 
 def _fixed_batch_size(model: Any) -> int | None:
-    """The batch size a model's inputs fix, or None when it is free (or not one size).
+    """The batch size a model's inputs fix, or None when none does (or they disagree).
 
-    An ONNX model fixes it with a ``dim_value`` on the first axis of its inputs; a ``.pt2``
+    An ONNX model fixes it with a ``dim_value`` on the first axis of an input; a ``.pt2``
     ExportedProgram exported without ``dynamic_shapes`` (the default) with a static first
-    dimension on its user inputs' example values.
+    dimension on a user input's example value. Scalar inputs and inputs whose first axis is
+    free say nothing about it and are passed over.
     """
     sizes: set[int] = set()
     if hasattr(model, "graph") and hasattr(model.graph, "initializer"):  # onnx.ModelProto
@@ -51,9 +52,8 @@ def _fixed_batch_size(model: Any) -> int | None:
             if i.name in initializers or not i.type.HasField("tensor_type"):
                 continue
             dims = i.type.tensor_type.shape.dim
-            if not dims or not dims[0].HasField("dim_value"):
-                return None
-            sizes.add(dims[0].dim_value)
+            if dims and dims[0].HasField("dim_value"):
+                sizes.add(dims[0].dim_value)
     else:
         import torch
 
@@ -62,11 +62,8 @@ def _fixed_batch_size(model: Any) -> int | None:
         user = set(model.graph_signature.user_inputs)
         for node in model.graph.nodes:
             val = node.meta.get("val") if node.op == "placeholder" and node.name in user else None
-            if not isinstance(val, torch.Tensor):
-                continue
-            if val.dim() == 0 or not isinstance(val.shape[0], int):
-                return None
-            sizes.add(val.shape[0])
+            if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], int):
+                sizes.add(val.shape[0])
     if len(sizes) != 1 or (size := sizes.pop()) <= 0:
         return None
     return size
