@@ -112,3 +112,59 @@ def plane_moments(x: Any, lo: int, hi: int, mean: Any, m2: Any) -> None:
             break
         for c in range(lo, hi):
             centre[(c - lo) * inner : (c - lo + 1) * inner] = mean[c]
+
+
+@_jit
+def normalise_moments(
+    x: Any,
+    lo: int,
+    hi: int,
+    y: Any,
+    row_min: int,
+    block: int,
+    weight: Any,
+    bias: Any,
+    eps: float,
+    mean: Any,
+    m2: Any,
+) -> None:
+    # batch mode's fused BN call: channels [lo, hi) in blocks of ``block`` channels that fit
+    # the cache; each block is reduced by the kernel above that :func:`moments` would pick
+    # (same channels, same order, same bits), then normalised with its batch mean and
+    # biased variance while it is still cached, so the input is read from memory once
+    outer, _channels, inner = x.shape
+    n = outer * inner
+    for c0 in range(lo, hi, block):
+        c1 = min(hi, c0 + block)
+        if inner >= row_min:
+            row_moments(x, c0, c1, mean, m2)
+        else:
+            plane_moments(x, c0, c1, mean, m2)
+        # y = x * scale + shift, the form inference-mode batch_norm evaluates, with scale and
+        # shift from the float64 moments rounded once to the input's dtype
+        scale = np.empty(c1 - c0, dtype=x.dtype)
+        shift = np.empty(c1 - c0, dtype=x.dtype)
+        for c in range(c0, c1):
+            s = weight[c] / np.sqrt(m2[c] / n + eps)
+            scale[c - c0] = s
+            shift[c - c0] = bias[c] - mean[c] * s
+        if inner >= row_min:
+            for a in range(outer):
+                for c in range(c0, c1):
+                    src = x[a, c]
+                    dst = y[a, c]
+                    k = scale[c - c0]
+                    d = shift[c - c0]
+                    for b in range(inner):
+                        dst[b] = src[b] * k + d
+        else:
+            # short runs: the per-channel factors spread over the block's columns, so the
+            # loop runs across channels
+            width = (c1 - c0) * inner
+            scales = np.repeat(scale, inner)
+            shifts = np.repeat(shift, inner)
+            for a in range(outer):
+                src = x[a, c0:c1].reshape(width)
+                dst = y[a, c0:c1].reshape(width)
+                for j in range(width):
+                    dst[j] = src[j] * scales[j] + shifts[j]

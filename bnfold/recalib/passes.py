@@ -21,7 +21,7 @@ from torch import nn
 from bnfold.errors import RecalibrationError
 from bnfold.recalib.data import batch_size, call_model, iter_budget, to_device
 from bnfold.recalib.options import Options
-from bnfold.recalib.stats import Scratch, Vector, moments
+from bnfold.recalib.stats import Scratch, Vector, affine_vectors, moments, normalised_moments
 from bnfold.recalib.torch_sites import FunctionalBatchNorm, Site
 
 __all__ = ["PassState", "check_finite", "measure", "run_pass"]
@@ -47,6 +47,9 @@ class PassState:
     seen: list[tuple[Site, Vector, Vector]] = field(default_factory=list)
 
 
+_UNSEEN = object()
+
+
 def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
@@ -67,13 +70,19 @@ def _batch_stats_like(
     return mean_t.to(x.device, x.dtype), (m2_t / max(n, 1)).to(x.device, x.dtype)
 
 
-def measure(site: Site, x: torch.Tensor, state: PassState) -> tuple[int, Vector, Vector]:
+def measure(
+    site: Site,
+    x: torch.Tensor,
+    state: PassState,
+    reduced: tuple[int, Vector, Vector] | None = None,
+) -> tuple[int, Vector, Vector]:
     """Reduce one BN input to float64 ``(n, mean, M2)`` and feed the site's accumulator.
 
     The one place both pass runners (module hooks here, the graph frontier in
-    :mod:`bnfold.recalib.frontier_run`) measure, so both give the same bits.
+    :mod:`bnfold.recalib.frontier_run`) measure, so both give the same bits. ``reduced``
+    passes moments already computed from ``x`` (by the fused batch-mode call).
     """
-    n, mean, m2 = moments(x, 1, state.scratch)
+    n, mean, m2 = moments(x, 1, state.scratch) if reduced is None else reduced
     site.acc.add_batch(n, mean, m2)
     if state.check_finite:
         state.seen.append((site, mean, m2))
@@ -87,7 +96,9 @@ def _measuring_forward(site: Site, state: PassState, batch_stats: bool) -> Any:
     The input is reduced once, to float64 ``(n, mean, M2)``, which feed the accumulator. In
     batch mode the same moments then normalise the input (an inference-mode ``batch_norm``
     with the batch's mean and biased variance, which is what a training-mode BN computes), so
-    the input is not reduced a second time by the BN itself. Modules of other types
+    the input is not reduced a second time by the BN itself; on the CPU with the compiled
+    kernels the two happen in one fused call that reads the input from memory once
+    (:func:`~bnfold.recalib.stats.normalised_moments`). Modules of other types
     (``SyncBatchNorm``, subclasses with their own forward) keep their own forward, switched to
     batch statistics by :meth:`Site.set_batch_stats`.
     """
@@ -95,20 +106,43 @@ def _measuring_forward(site: Site, state: PassState, batch_stats: bool) -> Any:
     original = module.forward
     own_norm = batch_stats and site.normalises_itself
     eps = float(module.eps)
+    # the fused call's float64 weight and bias, converted once per pass: a module's are the
+    # same tensors, unchanged, on every call. The tensors are held (so an identity check
+    # cannot match a new tensor at a reused address) with their version counters.
+    affine_of: list[Any] = [_UNSEEN, _UNSEEN, -1, -1]
+    affine: tuple[np.ndarray, np.ndarray] | None = None
+
+    def fused_call(
+        x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor] | None:
+        nonlocal affine
+        versions = [-1 if t is None else t._version for t in (weight, bias)]
+        if not (weight is affine_of[0] and bias is affine_of[1] and versions == affine_of[2:]):
+            affine_of[:] = [weight, bias, *versions]
+            affine = affine_vectors(weight, bias, x.shape[1] if x.dim() > 1 else 0)
+        return None if affine is None else normalised_moments(x, affine, eps)
 
     def forward(x: torch.Tensor, *rest: Any) -> torch.Tensor:
+        weight: torch.Tensor | None = None
+        bias: torch.Tensor | None = None
+        if own_norm:
+            if isinstance(module, FunctionalBatchNorm):
+                weight, bias = rest[0], rest[1]
+            else:
+                weight, bias = module.weight, module.bias
+            # one read of the input for both the moments and the output, except on the
+            # pass's last call, whose output is not used
+            fused = None if state.calls + 1 == state.stop_at else fused_call(x, weight, bias)
+            if fused is not None:
+                measure(site, x, state, fused[:3])
+                state.calls += 1
+                return fused[3]
         n, mean, m2 = measure(site, x, state)
         state.calls += 1
         if state.calls == state.stop_at:
             raise _StopPass
         if not own_norm:
             return original(x, *rest)
-        weight: torch.Tensor | None
-        bias: torch.Tensor | None
-        if isinstance(module, FunctionalBatchNorm):
-            weight, bias = rest[0], rest[1]
-        else:
-            weight, bias = module.weight, module.bias
         if _half(x.dtype):
             # half-precision BNs normalise in float32, as training-mode batch_norm does
             y = F.batch_norm(

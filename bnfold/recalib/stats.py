@@ -39,6 +39,8 @@ __all__ = [
     "Scratch",
     "batch_moments",
     "moments",
+    "affine_vectors",
+    "normalised_moments",
     "torch_moments",
     "all_reduce_stats",
 ]
@@ -137,19 +139,85 @@ def _outer_channel_inner(x: torch.Tensor, axis: int) -> np.ndarray:
     """
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
+    view = _dense_view(x, axis)
+    if view is None:  # a strided slice or an overlapping view: one contiguous copy
+        view = cast(np.ndarray, _dense_view(x.contiguous(), axis))
+    return view
+
+
+def _dense_view(x: torch.Tensor, axis: int) -> np.ndarray | None:
+    """``x`` in its memory order as an ``(outer, channels, inner)`` view; None if not dense."""
     if not x.is_contiguous():
         strides = x.stride()
         order = sorted(range(x.dim()), key=lambda d: -strides[d])
         permuted = x.permute(order)
-        if permuted.is_contiguous():
-            x, axis = permuted, order.index(axis)
-        else:
-            x = x.contiguous()
+        if not permuted.is_contiguous():
+            return None
+        x, axis = permuted, order.index(axis)
     outer = math.prod(x.shape[:axis])
     inner = math.prod(x.shape[axis + 1 :])
     if x.requires_grad:
         x = x.detach()
     return x.numpy().reshape(outer, x.shape[axis], inner)
+
+
+def normalised_moments(
+    x: torch.Tensor, affine: tuple[np.ndarray, np.ndarray], eps: float
+) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor] | None:
+    """Batch mode's BN call in one read: ``(n, mean, M2)`` of ``x`` (channels on axis 1) and
+    ``x`` normalised with the batch mean and biased variance.
+
+    ``affine`` is the BN's ``(weight, bias)`` from :func:`affine_vectors`. The moments are the
+    bits :func:`moments` gives; the output is what inference-mode ``batch_norm`` computes
+    from them, up to the rounding of its scale and shift (see
+    :func:`bnfold.recalib.kernels.normalise`). Returns None where only the two-step path
+    applies: no kernels, a tensor off the CPU, half precision, a layout that is not dense.
+    """
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.dim() < 2
+        or x.shape[1] != len(affine[0])
+        or not kernels.available()
+    ):
+        return None
+    n = x.numel() // x.shape[1] if x.shape[1] else 0
+    source = _dense_view(x, 1)
+    if not n or source is None:
+        return None
+    y = torch.empty_like(x)
+    target = _dense_view(y, 1)
+    if target is None or y.stride() != x.stride():
+        return None
+    try:
+        mean, m2 = kernels.normalise(source, target, *affine, eps, torch.get_num_threads())
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # numba failed to compile for this machine: the torch path works
+        kernels.disable(f"{type(e).__name__}: {e}")
+        return None
+    return n, mean, m2, y
+
+
+def affine_vectors(
+    weight: torch.Tensor | None, bias: torch.Tensor | None, channels: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A BN's weight and bias as float64 host vectors (ones and zeros where absent), for
+    :func:`normalised_moments`; None when either is off the CPU, half precision or misshapen.
+    """
+    vectors = []
+    for t, fill in ((weight, 1.0), (bias, 0.0)):
+        if t is None:
+            vectors.append(np.full(channels, fill))
+        elif (
+            t.device.type != "cpu"
+            or t.dtype not in (torch.float32, torch.float64)
+            or t.numel() != channels
+        ):
+            return None
+        else:
+            vectors.append(t.detach().numpy().reshape(channels).astype(np.float64))
+    return vectors[0], vectors[1]
 
 
 def _host_f64(t: torch.Tensor | np.ndarray) -> np.ndarray:
