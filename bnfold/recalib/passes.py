@@ -49,6 +49,10 @@ class PassState:
 
 _UNSEEN = object()
 
+#: Whether batch mode uses the fused reduce-and-normalise call where it applies. A module
+#: switch, read when a pass starts, so a benchmark can time the two-step path beside it.
+FUSED_BATCH_MODE = True
+
 
 def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
@@ -105,6 +109,7 @@ def _measuring_forward(site: Site, state: PassState, batch_stats: bool) -> Any:
     module = site.module
     original = module.forward
     own_norm = batch_stats and site.normalises_itself
+    fuse = own_norm and FUSED_BATCH_MODE
     eps = float(module.eps)
     # the fused call's float64 weight and bias, converted once per pass: a module's are the
     # same tensors, unchanged, on every call. The tensors are held (so an identity check
@@ -132,7 +137,8 @@ def _measuring_forward(site: Site, state: PassState, batch_stats: bool) -> Any:
                 weight, bias = module.weight, module.bias
             # one read of the input for both the moments and the output, except on the
             # pass's last call, whose output is not used
-            fused = None if state.calls + 1 == state.stop_at else fused_call(x, weight, bias)
+            last = state.calls + 1 == state.stop_at
+            fused = fused_call(x, weight, bias) if fuse and not last else None
             if fused is not None:
                 measure(site, x, state, fused[:3])
                 state.calls += 1

@@ -250,12 +250,15 @@ def recalibrate_torch(
         world_size=dist_world(),
     )
     try:
-        # flags set directly: ExportedProgram.module() refuses eval()
-        for m in flags:
-            m.training = False
+        # flags set directly (ExportedProgram.module() refuses eval()), and only where they
+        # change: an assignment goes through nn.Module.__setattr__, a few us per module
+        for m, training in flags.items():
+            if training:
+                m.training = False
         if runner is not model:
             for m in runner.modules():
-                m.training = False
+                if m.training:
+                    m.training = False
         with PassProgress(options.progress) as bar:
             if options.mode == "batch":
                 _batch_mode(runner, sites, data, options, dev, bar, report)
@@ -268,7 +271,8 @@ def recalibrate_torch(
         for m, t in tracking.items():
             m.track_running_stats = t
         for m, training in flags.items():
-            m.training = training
+            if m.training != training:
+                m.training = training
         for s in sites:
             if isinstance(s.module, FunctionalBatchNorm):
                 s.module.use_batch_stats = False
