@@ -1,6 +1,6 @@
 """Recalibration side by side with ``torch.optim.swa_utils.update_bn`` and a bare forward.
 
-Five tables:
+Six tables:
 
 1. Statistics error of the first BatchNorm (its input does not depend on other BNs, so every
    tool measures the same activations) against a float64 whole-data oracle, on data built to
@@ -28,6 +28,10 @@ Five tables:
    of ``--thread-list`` (default 1,2), then one markdown table. The issue's setting:
    ``--tables grid --size 64 --batches 16 --batch-size 32 --repeats 3``.
 
+6. One batch-mode BN call (``--tables bn-call``): ``batch_norm`` alone, the float64 reduction
+   followed by ``batch_norm``, and the fused call that does both from one read, on
+   mobilenet_v2's BN input shapes at 64x64 (``--batch-size 32``).
+
 Run: ``python bench/recalibrate.py [--model resnet-mini] [--batches 16] [--batch-size 64]
 [--threads 1] [--no-population]``. ``BNFOLD_NO_JIT=1`` times the torch fallback instead of the
 compiled moment kernels.
@@ -44,11 +48,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.optim.swa_utils import update_bn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bnfold
-from bench.common import best_time, installed, interleaved, paired_ratio, pin_allocator
+from bench.common import (
+    best_time,
+    installed,
+    interleaved,
+    paired_ratio,
+    pin_allocator,
+    time_ratio,
+)
 from bnfold.models import build as build_reference
 from bnfold.recalib import passes as recal_passes
 
@@ -344,6 +356,68 @@ def grid_table(
     return results
 
 
+#: BN inputs of mobilenet_v2 at 64x64 in batches of 32 (channels, map side), and a (N, C) one.
+BN_CALL_SHAPES = ((96, 32), (32, 32), (144, 16), (192, 8), (384, 4), (960, 2), (1280, 1))
+
+
+def _bn_call_times(x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of the three ways one batch-mode BN call can run on ``x``."""
+    from bnfold.recalib.stats import affine_vectors, moments, normalised_moments
+
+    channels = x.shape[1]
+    gen = torch.Generator().manual_seed(channels)
+    weight = torch.rand(channels, generator=gen) + 0.5
+    bias = torch.randn(channels, generator=gen)
+    affine = affine_vectors(weight, bias, channels)
+    assert affine is not None
+    mean, var = torch.zeros(channels), torch.ones(channels)
+
+    def two_step() -> None:
+        n, m, m2 = moments(x, 1)
+        batch_mean, batch_var = torch.from_numpy(m).float(), torch.from_numpy(m2 / n).float()
+        F.batch_norm(x, batch_mean, batch_var, weight, bias)
+
+    return interleaved(
+        {
+            "bn": lambda: F.batch_norm(x, mean, var, weight, bias),
+            "two-step": two_step,
+            "fused": lambda: normalised_moments(x, affine, 1e-5),
+        },
+        repeats,
+    )
+
+
+def bn_call_table(bs: int, repeats: int) -> list[dict[str, Any]]:
+    """One batch-mode BN call on one input, three ways, as a time ratio to ``batch_norm``.
+
+    ``batch_norm`` alone (inference mode, given statistics: what a bare forward's BN costs),
+    the two-step path (the float64 reduction, then ``batch_norm`` with its result), and the
+    fused call (:func:`bnfold.recalib.stats.normalised_moments`, one read of the input).
+    """
+    print(
+        f"\nBatch-mode BN call ({bs} x C x S x S float32, {torch.get_num_threads()} thread(s), "
+        f"{repeats} interleaved rounds; time as a ratio to batch_norm alone, lower is better)"
+    )
+    print(f"{'input':<22}{'batch_norm us':>15}{'two-step':>10}{'fused':>8}")
+    out = []
+    gen = torch.Generator().manual_seed(5)
+    for channels, side in BN_CALL_SHAPES:
+        shape = (bs, channels, side, side) if side > 1 else (bs, channels)
+        times = _bn_call_times(torch.randn(shape, generator=gen) * 2 + 0.5, repeats)
+        label = "x".join(map(str, shape))
+        row = {
+            "input": label,
+            "batch_norm_us": min(times["bn"]) * 1e6,
+            "two_step": time_ratio(times["bn"], times["two-step"]),
+            "fused": time_ratio(times["bn"], times["fused"]),
+        }
+        print(
+            f"{label:<22}{row['batch_norm_us']:>15.0f}{row['two_step']:>9.2f}x{row['fused']:>7.2f}x"
+        )
+        out.append(row)
+    return out
+
+
 def onnx_table(model_name: str, batches: int, bs: int) -> dict[str, float]:
     import onnx_graphsurgeon as gs
 
@@ -377,7 +451,7 @@ def main() -> None:
     ap.add_argument(
         "--tables",
         default="errors,throughput,onnx",
-        help="comma-separated subset of: errors, throughput, strategies, grid, onnx",
+        help="comma-separated subset of: errors, throughput, strategies, grid, bn-call, onnx",
     )
     ap.add_argument(
         "--models",
@@ -427,6 +501,8 @@ def main() -> None:
             args.repeats,
             args.size or 64,
         )
+    if "bn-call" in tables:
+        bn_call_table(args.batch_size, args.repeats)
     if "onnx" in tables:
         onnx_table(args.model, args.batches, args.batch_size)
 

@@ -168,3 +168,43 @@ def normalise_moments(
                 dst = y[a, c0:c1].reshape(width)
                 for j in range(width):
                     dst[j] = src[j] * scales[j] + shifts[j]
+
+
+# The same kernels over ``parts`` contiguous channel ranges, run by numba's threading layer
+# (OpenMP where it loads), whose workers wait by spinning as PyTorch's do: see
+# :mod:`bnfold.recalib.kernels` for why these are used instead of Python threads.
+_parallel = numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True, parallel=True)
+
+
+@_parallel
+def row_moments_parts(x: Any, parts: int, mean: Any, m2: Any) -> None:
+    channels = x.shape[1]
+    for k in numba.prange(parts):
+        row_moments(x, channels * k // parts, channels * (k + 1) // parts, mean, m2)
+
+
+@_parallel
+def plane_moments_parts(x: Any, parts: int, mean: Any, m2: Any) -> None:
+    channels = x.shape[1]
+    for k in numba.prange(parts):
+        plane_moments(x, channels * k // parts, channels * (k + 1) // parts, mean, m2)
+
+
+@_parallel
+def normalise_moments_parts(
+    x: Any,
+    parts: int,
+    y: Any,
+    row_min: int,
+    block: int,
+    weight: Any,
+    bias: Any,
+    eps: float,
+    mean: Any,
+    m2: Any,
+) -> None:
+    channels = x.shape[1]
+    for k in numba.prange(parts):
+        lo = channels * k // parts
+        hi = channels * (k + 1) // parts
+        normalise_moments(x, lo, hi, y, row_min, block, weight, bias, eps, mean, m2)

@@ -26,12 +26,15 @@ elements per channel per outer index):
 * short ``B`` (small feature maps, ``(N, C)`` features, channels-last layouts): the channel's
   ``B`` columns are accumulated down the ``A`` rows, vectorised across columns, then folded.
 
-Every channel is reduced on its own, so large inputs are split across threads in contiguous
-channel ranges (as many as ``torch.get_num_threads()``) and the result does not depend on the
-thread count. The kernels are compiled serial and release the GIL; the threads are a small Python
-pool. numba's own parallel backends are avoided on purpose: its OpenMP layer shares
-``libgomp`` with PyTorch and would reset PyTorch's intra-op thread count, and its workqueue
-layer aborts the process on concurrent calls.
+Every channel is reduced on its own, so inputs from ``_PARTS_MIN`` elements are split across
+threads in contiguous channel ranges (as many as ``torch.get_num_threads()``) and the result
+does not depend on the thread count. The threads are numba's threading layer (the kernels
+release the GIL, and a ``*_parts`` twin runs them over the ranges), not Python threads: see
+:func:`_threaded` for why, and for the guards. Both layers numba can bring have a hazard,
+each handled there: GNU OpenMP is not fork-safe (a child forked after a threaded call runs
+serially) and the workqueue fallback is not reentrant (one threaded call at a time; a
+concurrent caller runs serially). Where the layer shares PyTorch's OpenMP runtime and changes
+its thread count, the count is put back.
 
 Batch mode normalises every BN input with its own batch statistics, so it needs the moments
 and then a pass that writes the output. :func:`normalise` does both in one call
@@ -52,7 +55,6 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -64,25 +66,34 @@ __all__ = ["ROW_MIN", "available", "disable", "moments", "normalise"]
 #: the two are even at 24, and from B = 32 the row loop is faster (1.3x at 32, 1.9x at 64,
 #: 3.2x at 128), because the column loop loads and stores its float64 accumulators per element.
 ROW_MIN = 32
-#: Inputs smaller than this (16 MB of float32) run on the calling thread alone. Right after a
-#: PyTorch op, its OpenMP workers keep spinning for a while on every core, so a helper thread
-#: competes with them: on 2 cores, splitting resnet-mini's activations (<= 0.5M elements) made
-#: batch-mode recalibration slower (0.80x of a bare forward, against 0.87x unsplit).
-_SPLIT_MIN = 1 << 22
+#: Inputs from this many elements (64 KiB of float32) are split across threads, one
+#: contiguous channel range per thread, when the caller allows more than one. Measured in
+#: batch mode on 2 cores (64x64, batch 32): 16K elements gave mobilenet_v2 0.86x of a bare
+#: forward, 64K 0.84x, 256K 0.78x, and Python threads from 4M (the previous scheme) 0.72x.
+_PARTS_MIN = 1 << 14
 
 #: Bytes of input per block of the fused batch-mode kernel: a block is reduced, then normalised
 #: while it is still in the per-core cache. Measured on (32, C, B) float32 inputs of 0.8-12 MB:
 #: 256 KiB is the fastest of 64 KiB-1 MiB on every shape (by 2-10% against 64 KiB and 1 MiB).
 _BLOCK_BYTES = 256 << 10
 
-_kernels: tuple[Any, Any, Any] | None = None
+_kernels: tuple[Any, ...] | None = None
 _loaded = False
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
-_pool_lock = threading.Lock()
 
 
-def _compile() -> tuple[Any, Any, Any] | None:
+class _Parallel:
+    """The state of the threaded kernels in this process."""
+
+    #: one threaded call at a time: numba's fallback layer (workqueue) is not reentrant
+    lock = threading.Lock()
+    #: the process that first ran a threaded kernel; a child forked after that runs serially
+    #: (GNU OpenMP is not fork-safe, and numba aborts a forked child that uses it)
+    pid = 0
+    #: set when no threading layer could be loaded: everything runs serially
+    off = False
+
+
+def _compile() -> tuple[Any, ...] | None:
     """Import the kernels (numba compiles them on the first call per dtype, then caches)."""
     try:
         from bnfold.recalib import _jit
@@ -91,25 +102,19 @@ def _compile() -> tuple[Any, Any, Any] | None:
     except Exception as e:  # a broken install: say so once, keep working on the torch path
         warnings.warn(f"bnfold: numba kernels unavailable ({e}); using torch", stacklevel=2)
         return None
-    return _jit.row_moments, _jit.plane_moments, _jit.normalise_moments
+    return (
+        (_jit.row_moments, _jit.row_moments_parts),
+        (_jit.plane_moments, _jit.plane_moments_parts),
+        (_jit.normalise_moments, _jit.normalise_moments_parts),
+    )
 
 
-def _get() -> tuple[Any, Any, Any] | None:
+def _get() -> tuple[Any, ...] | None:
     global _kernels, _loaded
     if not _loaded:
         _kernels = None if os.environ.get("BNFOLD_NO_JIT") == "1" else _compile()
         _loaded = True
     return _kernels
-
-
-def _executor() -> ThreadPoolExecutor:
-    """The shared helper threads; a forked child (DataLoader workers) builds its own."""
-    global _pool, _pool_pid
-    with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="bnfold")
-            _pool_pid = os.getpid()
-        return _pool
 
 
 def disable(reason: str) -> None:
@@ -125,32 +130,74 @@ def available() -> bool:
     return _get() is not None
 
 
-def _kernels_or_raise() -> tuple[Any, Any, Any]:
+def _kernels_or_raise() -> tuple[Any, ...]:
     kernels = _kernels if _loaded else _get()
     if kernels is None:
         raise RuntimeError("numba kernels are not available")
     return kernels
 
 
-def _split(kernel: Any, x: np.ndarray, threads: int, *args: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``kernel(x, lo, hi, *args, mean, m2)`` over contiguous channel ranges on threads,
-    one range per ``_SPLIT_MIN`` elements at most; returns ``(mean, m2)``."""
+def _run(
+    kernel: tuple[Any, Any], x: np.ndarray, threads: int, *args: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run a kernel over all channels of ``x``; returns ``(mean, m2)``.
+
+    ``kernel`` is the pair ``(serial, threaded)``: ``serial(x, lo, hi, *args, mean, m2)``
+    covers channels ``[lo, hi)``, ``threaded(x, parts, *args, mean, m2)`` runs ``parts``
+    contiguous channel ranges of it on numba's threads. Every channel is reduced on its own,
+    so both give the same bits.
+    """
     channels = x.shape[1]
     mean = np.empty(channels)
     m2 = np.empty(channels)
-    parts = min(threads, channels, x.size // _SPLIT_MIN) if threads > 1 else 1
-    if parts <= 1:
-        kernel(x, 0, channels, *args, mean, m2)
+    parts = min(threads, channels, x.size // _PARTS_MIN)
+    if parts > 1 and _threaded(kernel[1], x, parts, args, mean, m2):
         return mean, m2
-    bounds = [channels * k // parts for k in range(parts + 1)]
-    futures = [
-        _executor().submit(kernel, *(x, bounds[k], bounds[k + 1], *args, mean, m2))
-        for k in range(1, parts)
-    ]
-    kernel(x, bounds[0], bounds[1], *args, mean, m2)
-    for f in futures:
-        f.result()
+    kernel[0](x, 0, channels, *args, mean, m2)
     return mean, m2
+
+
+def _threaded(
+    kernel: Any, x: np.ndarray, parts: int, args: tuple[Any, ...], mean: Any, m2: Any
+) -> bool:
+    """Run ``kernel`` on ``parts`` numba threads; False where it cannot (then it runs serially).
+
+    Why numba's threading layer and not Python threads: right after a PyTorch op its OpenMP
+    workers keep spinning on every core, and a helper thread woken through a condition
+    variable competes with them (on 2 cores, splitting mobilenet_v2's BN inputs across Python
+    threads made batch mode no faster). numba's OpenMP workers spin-wait as PyTorch's do and
+    take work in microseconds. PyTorch's thread count is put back if the layer changed it (it
+    can, where both load the same OpenMP runtime).
+    """
+    if _Parallel.off or (_Parallel.pid and _Parallel.pid != os.getpid()):
+        return False
+    if not _Parallel.lock.acquire(blocking=False):
+        return False  # another thread is in a threaded kernel: run this one serially
+    try:
+        import numba
+        import torch
+
+        torch_threads = torch.get_num_threads()
+        parts = min(parts, int(getattr(numba.config, "NUMBA_NUM_THREADS", parts)))
+        try:
+            if numba.get_num_threads() != parts:
+                numba.set_num_threads(parts)
+            kernel(x, parts, *args, mean, m2)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # no threading layer loads here
+            _Parallel.off = True
+            warnings.warn(
+                f"bnfold: threaded kernels unavailable ({e}); running serially", stacklevel=3
+            )
+            return False
+        finally:
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
+        _Parallel.pid = _Parallel.pid or os.getpid()
+        return True
+    finally:
+        _Parallel.lock.release()
 
 
 def moments(x: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +211,7 @@ def moments(x: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         RuntimeError: when :func:`available` is False.
     """
     row, plane, _ = _kernels_or_raise()
-    return _split(row if x.shape[2] >= ROW_MIN else plane, x, threads)
+    return _run(row if x.shape[2] >= ROW_MIN else plane, x, threads)
 
 
 def normalise(
@@ -195,4 +242,4 @@ def normalise(
     """
     _, _, kernel = _kernels_or_raise()
     block = max(1, _BLOCK_BYTES // max(1, x.shape[0] * x.shape[2] * x.itemsize))
-    return _split(kernel, x, threads, y, ROW_MIN, block, weight, bias, eps)
+    return _run(kernel, x, threads, y, ROW_MIN, block, weight, bias, eps)

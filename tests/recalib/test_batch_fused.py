@@ -85,7 +85,8 @@ def test_fused_call_gives_the_moments_bits_and_the_batch_normalised_output(
 
 
 def test_fused_call_does_not_depend_on_thread_count(monkeypatch):
-    monkeypatch.setattr(kernels, "_SPLIT_MIN", 1 << 10)  # split these inputs across threads
+    monkeypatch.setattr(kernels, "_PARTS_MIN", 1 << 10)  # split these inputs across threads
+    monkeypatch.setattr(kernels._Parallel, "pid", 0)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(32, 40, 9, 9, generator=g) + 1
     vectors = affine_vectors(torch.rand(40, generator=g), torch.randn(40, generator=g), 40)
@@ -96,6 +97,7 @@ def test_fused_call_does_not_depend_on_thread_count(monkeypatch):
         out = normalised_moments(x, vectors, 1e-5)
         assert out is not None
         runs.append(out)
+    assert kernels._Parallel.pid == os.getpid()  # the threaded kernel ran
     for _, mean, m2, y in runs[1:]:
         assert np.array_equal(mean, runs[0][1]) and np.array_equal(m2, runs[0][2])
         assert torch.equal(y, runs[0][3])

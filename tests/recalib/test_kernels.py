@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,23 +89,76 @@ def test_constant_channel_has_zero_m2_exactly():
 
 @pytest.mark.parametrize("shape", [(64, 24, 32, 32), (64, 96, 7, 7)])
 def test_result_does_not_depend_on_thread_count(shape, monkeypatch):
-    monkeypatch.setattr(kernels, "_SPLIT_MIN", 1 << 10)  # split these inputs across threads
+    monkeypatch.setattr(kernels, "_PARTS_MIN", 1 << 10)  # split these inputs across threads
+    monkeypatch.setattr(kernels._Parallel, "pid", 0)
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(shape, generator=g) + 1).numpy().reshape(shape[0], shape[1], -1)
     runs = [kernels.moments(x, threads) for threads in (1, 2, 3)]
+    assert kernels._Parallel.pid == os.getpid()  # the threaded kernels ran
     for mean, m2 in runs[1:]:
         assert np.array_equal(mean, runs[0][0])
         assert np.array_equal(m2, runs[0][1])
 
 
-def test_kernels_leave_torch_thread_count_alone():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_leave_torch_thread_count_alone(threads, monkeypatch):
+    monkeypatch.setattr(kernels, "_PARTS_MIN", 1 << 10)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         batch_moments(torch.randn(64, 32, 16, 16), 1)
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def _child_moments(x: np.ndarray, out: Any) -> None:
+    out.put(kernels.moments(x, 2)[0].tolist())
+
+
+def test_a_child_forked_after_a_threaded_call_runs_serially(monkeypatch):
+    """GNU OpenMP is not fork-safe (numba aborts a forked child that uses it): a child forked
+    after the parent ran a threaded kernel must still get its moments."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr(kernels, "_PARTS_MIN", 1 << 10)
+    x = (torch.randn(16, 24, 32, 32) + 1).numpy().reshape(16, 24, -1)
+    expected = kernels.moments(x, 2)[0]
+    assert kernels._Parallel.pid == os.getpid()
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_child_moments, args=(x, out))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert np.array_equal(np.array(out.get(timeout=5)), expected)
+
+
+def test_threaded_kernels_fall_back_to_serial(monkeypatch):
+    """A second caller while one threaded call runs, and a machine where no threading layer
+    loads, both get the serial kernel's result (with one warning for the missing layer)."""
+    import numba
+
+    monkeypatch.setattr(kernels, "_PARTS_MIN", 1 << 10)
+    monkeypatch.setattr(kernels._Parallel, "off", False)
+    x = (torch.randn(16, 24, 32, 32) + 1).numpy().reshape(16, 24, -1)
+    serial = kernels.moments(x, 1)
+    with kernels._Parallel.lock:  # another thread is inside a threaded kernel
+        busy = kernels.moments(x, 2)
+    assert np.array_equal(busy[0], serial[0]) and np.array_equal(busy[1], serial[1])
+
+    def no_layer(n: int) -> None:
+        raise ValueError("No threading layer could be loaded.")
+
+    monkeypatch.setattr(numba, "get_num_threads", lambda: -1)
+    monkeypatch.setattr(numba, "set_num_threads", no_layer)
+    with pytest.warns(UserWarning, match="threaded kernels unavailable"):
+        broken = kernels.moments(x, 2)
+    assert kernels._Parallel.off
+    assert np.array_equal(broken[0], serial[0]) and np.array_equal(broken[1], serial[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.moments(x, 2)  # no second warning: the threaded path stays off
 
 
 def test_non_finite_input_gives_non_finite_moments():
