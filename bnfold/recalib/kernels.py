@@ -41,8 +41,9 @@ and then a pass that writes the output. :func:`normalise` does both in one call
 (``_jit.normalise_moments``): the input is taken in blocks of channels small enough to stay in
 the core's cache (``_BLOCK_BYTES``), each block reduced by the kernel above (the same bits)
 and then normalised while cached, so the input is read from memory once, as the
-inference-mode ``batch_norm`` of a bare forward reads it. On mobilenet_v2 (64x64, batch 32, 1
-thread) that took batch-mode recalibration from 0.86x to 0.94x of a bare forward.
+inference-mode ``batch_norm`` of a bare forward reads it. On mobilenet_v2's BN inputs at
+64x64 (batch 32, 1 thread; ``bench/recalibrate.py --tables bn-call``) the fused call costs
+1.0-1.6x of that ``batch_norm`` alone, the reduction followed by ``batch_norm`` 1.7-3.6x.
 
 numba is an optional accelerator, not a requirement: without it (or for CUDA tensors),
 :func:`bnfold.recalib.stats.batch_moments` uses the torch path. ``BNFOLD_NO_JIT=1`` forces the
@@ -73,8 +74,8 @@ ROW_MIN = 32
 _PARTS_MIN = 1 << 14
 
 #: Bytes of input per block of the fused batch-mode kernel: a block is reduced, then normalised
-#: while it is still in the per-core cache. Measured on (32, C, B) float32 inputs of 0.8-12 MB:
-#: 256 KiB is the fastest of 64 KiB-1 MiB on every shape (by 2-10% against 64 KiB and 1 MiB).
+#: while it is still in the per-core cache (L2 is 0.5-2 MiB per core on current x86 server
+#: parts). Tried at 64 KiB-1 MiB on mobilenet_v2's BN inputs, 256 KiB was best or close to it.
 _BLOCK_BYTES = 256 << 10
 
 _kernels: tuple[Any, ...] | None = None
