@@ -172,7 +172,9 @@ def normalise_moments(
 
 # The same kernels over ``parts`` contiguous channel ranges, run by numba's threading layer
 # (OpenMP where it loads), whose workers wait by spinning as PyTorch's do: see
-# :mod:`bnfold.recalib.kernels` for why these are used instead of Python threads.
+# :mod:`bnfold.recalib.kernels` for why these are used instead of Python threads. One wrapper
+# per kernel, spelled out: a factory closing over the kernel would share one on-disk cache
+# entry between the three (numba keys its cache by the function's qualified name and line).
 _parallel = numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True, parallel=True)
 
 
