@@ -68,9 +68,9 @@ __all__ = ["ROW_MIN", "available", "disable", "moments", "normalise"]
 #: 3.2x at 128), because the column loop loads and stores its float64 accumulators per element.
 ROW_MIN = 32
 #: Inputs from this many elements (64 KiB of float32) are split across threads, one
-#: contiguous channel range per thread, when the caller allows more than one. Measured in
-#: batch mode on 2 cores (64x64, batch 32): 16K elements gave mobilenet_v2 0.86x of a bare
-#: forward, 64K 0.84x, 256K 0.78x, and Python threads from 4M (the previous scheme) 0.72x.
+#: contiguous channel range per thread, when the caller allows more than one. Chosen from
+#: one-off timings of batch mode on mobilenet_v2 (2 cores, 64x64, batch 32) at 16K, 64K and
+#: 256K, where the smallest was fastest; the grid in the README has the resulting figures.
 _PARTS_MIN = 1 << 14
 
 #: Bytes of input per block of the fused batch-mode kernel: a block is reduced, then normalised

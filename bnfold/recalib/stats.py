@@ -23,7 +23,8 @@ only under its own name, for comparison and reproduction.
 from __future__ import annotations
 
 import math
-from typing import Generic, Literal, TypeVar, cast, overload
+from collections.abc import Callable
+from typing import Any, Generic, Literal, TypeVar, cast, overload
 
 import numpy as np
 import torch
@@ -120,12 +121,17 @@ def _kernel_moments(x: torch.Tensor, axis: int) -> tuple[np.ndarray, np.ndarray]
     """The compiled kernels' ``(mean, M2)``, or None when they are unavailable."""
     if not kernels.available():
         return None
-    view = _outer_channel_inner(x, axis)
+    return _or_disable(kernels.moments, _outer_channel_inner(x, axis), torch.get_num_threads())
+
+
+def _or_disable(kernel: Callable[..., T], *args: Any) -> T | None:
+    """``kernel(*args)``, or None after switching the kernels off when numba failed to
+    compile for this machine (the torch path then does the work)."""
     try:
-        return kernels.moments(view, torch.get_num_threads())
+        return kernel(*args)
     except (MemoryError, KeyboardInterrupt):
         raise
-    except Exception as e:  # numba failed to compile for this machine: the torch path works
+    except Exception as e:
         kernels.disable(f"{type(e).__name__}: {e}")
         return None
 
@@ -189,14 +195,8 @@ def normalised_moments(
     target = _dense_view(y, 1)
     if target is None or y.stride() != x.stride():
         return None
-    try:
-        mean, m2 = kernels.normalise(source, target, *affine, eps, torch.get_num_threads())
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as e:  # numba failed to compile for this machine: the torch path works
-        kernels.disable(f"{type(e).__name__}: {e}")
-        return None
-    return n, mean, m2, y
+    reduced = _or_disable(kernels.normalise, source, target, *affine, eps, torch.get_num_threads())
+    return None if reduced is None else (n, *reduced, y)
 
 
 def affine_vectors(
