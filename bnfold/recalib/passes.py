@@ -21,7 +21,7 @@ from torch import nn
 from bnfold.errors import RecalibrationError
 from bnfold.recalib.data import batch_size, call_model, iter_budget, to_device
 from bnfold.recalib.options import Options
-from bnfold.recalib.stats import Scratch, Vector, affine_vectors, moments, normalised_moments
+from bnfold.recalib.stats import FusedBatchNorm, Scratch, Vector, moments
 from bnfold.recalib.torch_sites import FunctionalBatchNorm, Site
 
 __all__ = ["PassState", "check_finite", "measure", "run_pass"]
@@ -46,8 +46,6 @@ class PassState:
     #: this batch's moments per call, in call order, for the NaN/Inf check after the batch
     seen: list[tuple[Site, Vector, Vector]] = field(default_factory=list)
 
-
-_UNSEEN = object()
 
 #: Whether batch mode uses the fused reduce-and-normalise call where it applies. A module
 #: switch, read when a pass starts, so a benchmark can time the two-step path beside it.
@@ -102,7 +100,7 @@ def _measuring_forward(site: Site, state: PassState, batch_stats: bool) -> Any:
     with the batch's mean and biased variance, which is what a training-mode BN computes), so
     the input is not reduced a second time by the BN itself; on the CPU with the compiled
     kernels the two happen in one fused call that reads the input from memory once
-    (:func:`~bnfold.recalib.stats.normalised_moments`). Modules of other types
+    (:class:`~bnfold.recalib.stats.FusedBatchNorm`). Modules of other types
     (``SyncBatchNorm``, subclasses with their own forward) keep their own forward, switched to
     batch statistics by :meth:`Site.set_batch_stats`.
     """
@@ -111,21 +109,7 @@ def _measuring_forward(site: Site, state: PassState, batch_stats: bool) -> Any:
     own_norm = batch_stats and site.normalises_itself
     fuse = own_norm and FUSED_BATCH_MODE
     eps = float(module.eps)
-    # the fused call's float64 weight and bias, converted once per pass: a module's are the
-    # same tensors, unchanged, on every call. The tensors are held (so an identity check
-    # cannot match a new tensor at a reused address) with their version counters.
-    affine_of: list[Any] = [_UNSEEN, _UNSEEN, -1, -1]
-    affine: tuple[np.ndarray, np.ndarray] | None = None
-
-    def fused_call(
-        x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
-    ) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor] | None:
-        nonlocal affine
-        versions = [-1 if t is None else t._version for t in (weight, bias)]
-        if not (weight is affine_of[0] and bias is affine_of[1] and versions == affine_of[2:]):
-            affine_of[:] = [weight, bias, *versions]
-            affine = affine_vectors(weight, bias, x.shape[1] if x.dim() > 1 else 0)
-        return None if affine is None else normalised_moments(x, affine, eps)
+    fused_call = FusedBatchNorm(eps) if fuse else None
 
     def forward(x: torch.Tensor, *rest: Any) -> torch.Tensor:
         weight: torch.Tensor | None = None
@@ -138,7 +122,7 @@ def _measuring_forward(site: Site, state: PassState, batch_stats: bool) -> Any:
             # one read of the input for both the moments and the output, except on the
             # pass's last call, whose output is not used
             last = state.calls + 1 == state.stop_at
-            fused = fused_call(x, weight, bias) if fuse and not last else None
+            fused = None if fused_call is None or last else fused_call(x, weight, bias)
             if fused is not None:
                 measure(site, x, state, fused[:3])
                 state.calls += 1

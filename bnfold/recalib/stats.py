@@ -42,6 +42,7 @@ __all__ = [
     "moments",
     "affine_vectors",
     "normalised_moments",
+    "FusedBatchNorm",
     "torch_moments",
     "all_reduce_stats",
 ]
@@ -151,20 +152,72 @@ def _outer_channel_inner(x: torch.Tensor, axis: int) -> np.ndarray:
     return view
 
 
-def _dense_view(x: torch.Tensor, axis: int) -> np.ndarray | None:
-    """``x`` in its memory order as an ``(outer, channels, inner)`` view; None if not dense."""
+#: How to view a dense tensor as ``(outer, channels, inner)`` in its memory order: the
+#: permutation that makes it contiguous (None when it already is) and the view's shape.
+DenseLayout = tuple[tuple[int, ...] | None, tuple[int, int, int]]
+
+
+def _dense_layout(x: torch.Tensor, axis: int) -> DenseLayout | None:
+    """How :func:`_dense_view` views ``x``; None if ``x`` is not dense (a strided slice)."""
+    order: tuple[int, ...] | None = None
+    shape = x.shape
     if not x.is_contiguous():
         strides = x.stride()
-        order = sorted(range(x.dim()), key=lambda d: -strides[d])
+        order = tuple(sorted(range(x.dim()), key=lambda d: -strides[d]))
         permuted = x.permute(order)
         if not permuted.is_contiguous():
             return None
-        x, axis = permuted, order.index(axis)
-    outer = math.prod(x.shape[:axis])
-    inner = math.prod(x.shape[axis + 1 :])
+        shape, axis = permuted.shape, order.index(axis)
+    return order, (math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :]))
+
+
+def _view(x: torch.Tensor, layout: DenseLayout) -> np.ndarray:
+    """``x`` as the numpy view ``layout`` describes (no copy)."""
+    order, shape = layout
+    if order is not None:
+        x = x.permute(order)
     if x.requires_grad:
         x = x.detach()
-    return x.numpy().reshape(outer, x.shape[axis], inner)
+    return x.numpy().reshape(shape)
+
+
+def _dense_view(x: torch.Tensor, axis: int) -> np.ndarray | None:
+    """``x`` in its memory order as an ``(outer, channels, inner)`` view; None if not dense."""
+    layout = _dense_layout(x, axis)
+    return None if layout is None else _view(x, layout)
+
+
+#: What batch mode's fused call needs to know of an input, worked out once per layout: its
+#: dense layout and the elements per channel; None where only the two-step path applies.
+FusedLayout = tuple[DenseLayout, int] | None
+
+
+def _fused_layout(x: torch.Tensor) -> FusedLayout:
+    """The fused call's view of ``x`` (channels on axis 1), or None: not a float32/float64 CPU
+    tensor in a dense layout, or one whose ``empty_like`` would not share its layout."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 2:
+        return None
+    n = x.numel() // x.shape[1] if x.shape[1] else 0
+    layout = _dense_layout(x, 1)
+    if not n or layout is None or torch.empty_like(x).stride() != x.stride():
+        return None
+    return layout, n
+
+
+def _normalise(
+    x: torch.Tensor, layout: FusedLayout, affine: tuple[np.ndarray, np.ndarray] | None, eps: float
+) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor] | None:
+    """The fused call on ``x`` with its layout and affine vectors already worked out."""
+    if layout is None or affine is None or len(affine[0]) != x.shape[1]:
+        return None
+    if not kernels.available():
+        return None
+    dense, n = layout
+    y = torch.empty_like(x)
+    reduced = _or_disable(
+        kernels.normalise, _view(x, dense), _view(y, dense), *affine, eps, torch.get_num_threads()
+    )
+    return None if reduced is None else (n, *reduced, y)
 
 
 def normalised_moments(
@@ -179,24 +232,43 @@ def normalised_moments(
     :func:`bnfold.recalib.kernels.normalise`). Returns None where only the two-step path
     applies: no kernels, a tensor off the CPU, half precision, a layout that is not dense.
     """
-    if (
-        x.device.type != "cpu"
-        or x.dtype not in (torch.float32, torch.float64)
-        or x.dim() < 2
-        or x.shape[1] != len(affine[0])
-        or not kernels.available()
-    ):
-        return None
-    n = x.numel() // x.shape[1] if x.shape[1] else 0
-    source = _dense_view(x, 1)
-    if not n or source is None:
-        return None
-    y = torch.empty_like(x)
-    target = _dense_view(y, 1)
-    if target is None or y.stride() != x.stride():
-        return None
-    reduced = _or_disable(kernels.normalise, source, target, *affine, eps, torch.get_num_threads())
-    return None if reduced is None else (n, *reduced, y)
+    return _normalise(x, _fused_layout(x), affine, eps)
+
+
+class FusedBatchNorm:
+    """Batch mode's fused call for one BatchNorm, with what its calls share worked out once.
+
+    A BN sees inputs of one shape, layout and dtype batch after batch, and the same weight
+    and bias tensors: the input's layout and the float64 affine vectors are kept between
+    calls, keyed by what they were derived from (the shape, strides and dtype; the tensors
+    themselves, held so that a new tensor at a reused address cannot match, and their
+    version counters, so an in-place edit is seen). A call then costs the kernel, the output's
+    allocation and two numpy views, a fraction of the per-call checks it replaces.
+    """
+
+    def __init__(self, eps: float) -> None:
+        self.eps = eps
+        self._layout_key: tuple[Any, ...] | None = None
+        self._layout: FusedLayout = None
+        self._affine_key: tuple[Any, ...] | None = None
+        self._affine: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor] | None:
+        """:func:`normalised_moments` of ``x`` with this BN's ``weight`` and ``bias``."""
+        key = (x.shape, x.stride(), x.dtype, x.is_cpu)
+        if key != self._layout_key:
+            self._layout_key, self._layout = key, _fused_layout(x)
+        versions = (
+            -1 if weight is None else weight._version,
+            -1 if bias is None else bias._version,
+        )
+        seen = self._affine_key
+        if seen is None or seen[0] is not weight or seen[1] is not bias or seen[2] != versions:
+            self._affine_key = (weight, bias, versions)
+            self._affine = affine_vectors(weight, bias, x.shape[1] if x.dim() > 1 else 0)
+        return _normalise(x, self._layout, self._affine, self.eps)
 
 
 def affine_vectors(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnfold
-from bnfold.recalib import kernels, passes
+from bnfold.recalib import kernels, stats
 from bnfold.recalib.stats import affine_vectors, moments, normalised_moments
 
 
@@ -36,7 +36,7 @@ SHAPES = [
     pytest.param((8, 5, 40), False, id="conv1d"),
     pytest.param((2, 3, 4, 16, 16), False, id="conv3d"),
     pytest.param((16, 6, 24, 24), True, id="channels-last"),
-    # 64 channels of 64 KiB each: many cache blocks, and a partial last one
+    # 67 channels of 64 KiB each (16 runs of 4 KiB): blocks of 32 channels, the last partial
     pytest.param((16, 67, 32, 32), False, id="many-blocks"),
 ]
 
@@ -115,6 +115,40 @@ def test_fused_call_declines_what_it_cannot_read_in_place():
     assert affine_vectors(torch.ones(5), None, 6) is None
 
 
+def test_a_bns_fused_call_follows_changes_of_layout_and_parameters():
+    """What :class:`FusedBatchNorm` keeps between calls (the input's layout, the float64
+    weight and bias) is refreshed when the input or the parameters change: every call gives
+    the bits of a fresh :func:`normalised_moments`, or declines as it does."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, 8, 8, generator=g) * 3 + 1
+    weight, bias = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    other = weight.clone()
+    other[0] = 7.0  # a new tensor with the same shape (and maybe the same address)
+    calls = [
+        (x, weight, bias),
+        (x.contiguous(memory_format=torch.channels_last), weight, bias),  # new layout
+        (x[:, :, ::2], weight, bias),  # strided: declined
+        (x[:2], weight, bias),  # new shape
+        (x.double(), weight, bias),  # new dtype
+        (x, other, bias),  # new tensor
+        (x, weight.mul_(2.0), bias),  # the same tensor, edited in place
+        (x, None, None),
+        (x[:, :4].contiguous(), weight, bias),  # a misshapen weight: declined
+    ]
+    call = stats.FusedBatchNorm(1e-5)
+    for i, (inp, w, b) in enumerate(calls):
+        got = call(inp, w, b)
+        vectors = affine_vectors(w, b, inp.shape[1])
+        want = None if vectors is None else normalised_moments(inp, vectors, 1e-5)
+        assert (got is None) == (want is None), i
+        if got is not None and want is not None:
+            assert got[0] == want[0], i
+            assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2]), i
+            assert torch.equal(got[3], want[3]), i
+            assert got[3].stride() == inp.stride(), i
+    assert call(x[:, :, ::2], weight, bias) is None
+
+
 class _BumpsItsWeight(nn.Module):
     """bn1's weight is changed in place before every call; bn2 measures bn1's output."""
 
@@ -141,14 +175,14 @@ def test_batch_mode_fused_and_two_step_paths_agree(monkeypatch):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), _BumpsItsWeight(8))
         calls: list[object] = []
-        real = passes.normalised_moments
+        real = stats._normalise
 
         def spy(*a: object) -> object:
             calls.append(a)
             return real(*a) if fused else None
 
         with monkeypatch.context() as m:
-            m.setattr(passes, "normalised_moments", spy)
+            m.setattr(stats, "_normalise", spy)
             report = bnfold.recalibrate(net.eval(), data, mode="batch", progress=False)
         assert calls  # the fused call was offered every non-final BN call
         return net, report
