@@ -38,12 +38,13 @@ its thread count, the count is put back.
 
 Batch mode normalises every BN input with its own batch statistics, so it needs the moments
 and then a pass that writes the output. :func:`normalise` does both in one call
-(``_jit.normalise_moments``): the input is taken in blocks of channels small enough to stay in
-the core's cache (``_BLOCK_BYTES``), each block reduced by the kernel above (the same bits)
-and then normalised while cached, so the input is read from memory once, as the
-inference-mode ``batch_norm`` of a bare forward reads it. On mobilenet_v2's BN inputs at
-64x64 (batch 32, 1 thread; ``bench/recalibrate.py --tables bn-call``) the fused call costs
-1.0-1.6x of that ``batch_norm`` alone, the reduction followed by ``batch_norm`` 1.7-3.6x.
+(``_jit.normalise_moments``): the input is taken in blocks of channels meant to stay cached
+(``_BLOCK_BYTES``, ``_RUN_BYTES``), each block reduced by the kernel above (the same bits)
+and then normalised, so where the block stays cached the input is read from memory once, as
+the inference-mode ``batch_norm`` of a bare forward reads it. On mobilenet_v2's BN inputs at
+64x64 (batch 32, 1 thread, a Zen 4 core; ``bench/recalibrate.py --tables bn-call``) the fused
+call costs 0.4-2.2x of that ``batch_norm`` alone, the reduction followed by ``batch_norm``
+1.5-3.9x; on the one input larger than the caches (12.5 MB) the fused call is the slower.
 
 numba is an optional accelerator, not a requirement: without it (or for CUDA tensors),
 :func:`bnfold.recalib.stats.batch_moments` uses the torch path. ``BNFOLD_NO_JIT=1`` forces the
