@@ -362,15 +362,15 @@ BN_CALL_SHAPES = ((96, 32), (32, 32), (144, 16), (192, 8), (384, 4), (960, 2), (
 
 def _bn_call_times(x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
     """Seconds per call of the three ways one batch-mode BN call can run on ``x``."""
-    from bnfold.recalib.stats import affine_vectors, moments, normalised_moments
+    from bnfold.recalib.stats import FusedBatchNorm, moments
 
     channels = x.shape[1]
     gen = torch.Generator().manual_seed(channels)
     weight = torch.rand(channels, generator=gen) + 0.5
     bias = torch.randn(channels, generator=gen)
-    affine = affine_vectors(weight, bias, channels)
-    assert affine is not None
     mean, var = torch.zeros(channels), torch.ones(channels)
+    # what batch mode calls: one per BN, its layout and affine vectors kept between calls
+    fused = FusedBatchNorm(1e-5)
 
     def two_step() -> None:
         n, m, m2 = moments(x, 1)
@@ -381,7 +381,7 @@ def _bn_call_times(x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
         {
             "bn": lambda: F.batch_norm(x, mean, var, weight, bias),
             "two-step": two_step,
-            "fused": lambda: normalised_moments(x, affine, 1e-5),
+            "fused": lambda: fused(x, weight, bias),
         },
         repeats,
     )
@@ -392,7 +392,7 @@ def bn_call_table(bs: int, repeats: int) -> list[dict[str, Any]]:
 
     ``batch_norm`` alone (inference mode, given statistics: what a bare forward's BN costs),
     the two-step path (the float64 reduction, then ``batch_norm`` with its result), and the
-    fused call (:func:`bnfold.recalib.stats.normalised_moments`, one read of the input).
+    fused call (:class:`bnfold.recalib.stats.FusedBatchNorm`, as batch mode calls it).
     """
     print(
         f"\nBatch-mode BN call ({bs} x C x S x S float32, {torch.get_num_threads()} thread(s), "

@@ -43,8 +43,8 @@ and then a pass that writes the output. :func:`normalise` does both in one call
 and then normalised, so where the block stays cached the input is read from memory once, as
 the inference-mode ``batch_norm`` of a bare forward reads it. On mobilenet_v2's BN inputs at
 64x64 (batch 32, 1 thread, a Zen 4 core; ``bench/recalibrate.py --tables bn-call``) the fused
-call costs 0.4-2.2x of that ``batch_norm`` alone, the reduction followed by ``batch_norm``
-1.5-3.9x; on the one input larger than the caches (12.5 MB) the fused call is the slower.
+call costs 0.4-2.0x of that ``batch_norm`` alone, the reduction followed by ``batch_norm``
+1.5-3.3x; on the one input larger than the caches (12.5 MB) the two are even.
 
 numba is an optional accelerator, not a requirement: without it (or for CUDA tensors),
 :func:`bnfold.recalib.stats.batch_moments` uses the torch path. ``BNFOLD_NO_JIT=1`` forces the
@@ -78,7 +78,7 @@ _PARTS_MIN = 1 << 14
 #: while it is still cached. A block of an NCHW input is one run per sample, ``N`` runs a
 #: sample's stride apart, so a block sized to fit L2 (256 KiB) breaks the input into short
 #: runs far apart: on a Zen 4 core (1 MiB L2) that made the fused call 2.2-3.2x
-#: ``batch_norm`` on mobilenet_v2's 32x96x32x32 and 32x144x16x16 inputs, against 1.3x with
+#: ``batch_norm`` on mobilenet_v2's 32x96x32x32 and 32x144x16x16 inputs, against 1.3-1.6x with
 #: 2 MiB blocks (the re-read then comes from L3). Blocks are also never made of runs shorter
 #: than ``_RUN_BYTES``, which keeps the hardware prefetchers streaming at large batch sizes.
 _BLOCK_BYTES = 2 << 20
