@@ -107,9 +107,8 @@ def _measuring_forward(site: Site, state: PassState, batch_stats: bool) -> Any:
     module = site.module
     original = module.forward
     own_norm = batch_stats and site.normalises_itself
-    fuse = own_norm and FUSED_BATCH_MODE
     eps = float(module.eps)
-    fused_call = FusedBatchNorm(eps) if fuse else None
+    fused_call = FusedBatchNorm(eps) if own_norm and FUSED_BATCH_MODE else None
 
     def forward(x: torch.Tensor, *rest: Any) -> torch.Tensor:
         weight: torch.Tensor | None = None
