@@ -68,44 +68,71 @@ def row_moments(x: Any, lo: int, hi: int, mean: Any, m2: Any) -> None:
 
 @_jit
 def plane_moments(x: Any, lo: int, hi: int, mean: Any, m2: Any) -> None:
+    # short runs: the channels' columns are accumulated down the rows (vectorised across
+    # columns), then each channel's columns are folded. Four rows are summed together
+    # before they meet the accumulators, which are then loaded and stored once per four
+    # rows instead of once per row (1.3-1.7x on the 4x4 and 2x2 maps of the late stages)
     block = BLOCK
     outer, channels, inner = x.shape
     n = outer * inner
     flat = x.reshape(outer, channels * inner)
     first, last = lo * inner, hi * inner
+    grouped = outer - outer % 4
     centre = np.zeros(last - first)
     sums = np.empty(last - first)
     squares = np.empty(last - first)
     for attempt in range(2):
         for start in range(first, last, block):
             stop = min(last, start + block)
-            # block-local accumulators: LLVM vectorises the inner loop only when it can
+            width = stop - start
+            # block-local accumulators: LLVM vectorises the inner loops only when it can
             # prove the accumulators do not alias the input
-            acc1 = np.zeros(stop - start)
-            acc2 = np.zeros(stop - start)
+            acc1 = np.zeros(width)
+            acc2 = np.zeros(width)
             mu = centre[start - first : stop - first]
-            for a in range(outer):
-                row = flat[a, start:stop]
+            for a in range(0, grouped, 4):
+                r0 = flat[a, start:stop]
+                r1 = flat[a + 1, start:stop]
+                r2 = flat[a + 2, start:stop]
+                r3 = flat[a + 3, start:stop]
                 if attempt == 0:
-                    for j in range(stop - start):
-                        v = np.float64(row[j])
-                        acc1[j] += v
-                        acc2[j] += v * v
+                    for j in range(width):
+                        v0 = np.float64(r0[j])
+                        v1 = np.float64(r1[j])
+                        v2 = np.float64(r2[j])
+                        v3 = np.float64(r3[j])
+                        acc1[j] += (v0 + v1) + (v2 + v3)
+                        acc2[j] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
                 else:
-                    for j in range(stop - start):
-                        d = np.float64(row[j]) - mu[j]
-                        acc1[j] += d
-                        acc2[j] += d * d
+                    for j in range(width):
+                        m = mu[j]
+                        d0 = np.float64(r0[j]) - m
+                        d1 = np.float64(r1[j]) - m
+                        d2 = np.float64(r2[j]) - m
+                        d3 = np.float64(r3[j]) - m
+                        acc1[j] += (d0 + d1) + (d2 + d3)
+                        acc2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            for a in range(grouped, outer):
+                row = flat[a, start:stop]
+                for j in range(width):
+                    d = np.float64(row[j]) - mu[j]
+                    acc1[j] += d
+                    acc2[j] += d * d
             sums[start - first : stop - first] = acc1
             squares[start - first : stop - first] = acc2
         again = False
         for c in range(lo, hi):
+            # each channel's columns through a slice indexed from zero, so LLVM can prove
+            # the index non-negative and vectorise the fold (3-4x at 16-64 columns)
+            k = (c - lo) * inner
+            run1 = sums[k : k + inner]
+            run2 = squares[k : k + inner]
             s1 = 0.0
             s2 = 0.0
-            for b in range((c - lo) * inner, (c - lo + 1) * inner):
-                s1 += sums[b]
-                s2 += squares[b]
-            mean[c] = centre[(c - lo) * inner] + s1 / n
+            for b in range(inner):
+                s1 += run1[b]
+                s2 += run2[b]
+            mean[c] = centre[k] + s1 / n
             m2[c] = s2 - s1 * s1 / n
             again = again or off_centre(s1, s2, n)
         if not again:
@@ -120,7 +147,7 @@ def normalise_moments(
     lo: int,
     hi: int,
     y: Any,
-    row_min: int,
+    rows: bool,
     block: int,
     weight: Any,
     bias: Any,
@@ -136,7 +163,7 @@ def normalise_moments(
     n = outer * inner
     for c0 in range(lo, hi, block):
         c1 = min(hi, c0 + block)
-        if inner >= row_min:
+        if rows:
             row_moments(x, c0, c1, mean, m2)
         else:
             plane_moments(x, c0, c1, mean, m2)
@@ -148,7 +175,7 @@ def normalise_moments(
             s = weight[c] / np.sqrt(m2[c] / n + eps)
             scale[c - c0] = s
             shift[c - c0] = bias[c] - mean[c] * s
-        if inner >= row_min:
+        if rows:
             for a in range(outer):
                 for c in range(c0, c1):
                     src = x[a, c]
@@ -197,7 +224,7 @@ def normalise_moments_parts(
     x: Any,
     parts: int,
     y: Any,
-    row_min: int,
+    rows: bool,
     block: int,
     weight: Any,
     bias: Any,
@@ -209,4 +236,4 @@ def normalise_moments_parts(
     for k in numba.prange(parts):
         lo = channels * k // parts
         hi = channels * (k + 1) // parts
-        normalise_moments(x, lo, hi, y, row_min, block, weight, bias, eps, mean, m2)
+        normalise_moments(x, lo, hi, y, rows, block, weight, bias, eps, mean, m2)

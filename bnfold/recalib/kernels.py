@@ -21,10 +21,12 @@ Two loop shapes, chosen by the length ``B`` of the contiguous run each channel h
 index (the input is viewed as ``(A, C, B)``: ``A`` outer elements, ``C`` channels, ``B``
 elements per channel per outer index):
 
-* ``B >= ROW_MIN`` (NCHW feature maps): a sweep in memory order, each contiguous run summed
-  on its own (vectorised), its partial sums added to its channel's totals.
+* long ``B`` (NCHW feature maps from 8x8), or few rows: a sweep in memory order, each
+  contiguous run summed on its own (vectorised), its partial sums added to its channel's
+  totals.
 * short ``B`` (small feature maps, ``(N, C)`` features, channels-last layouts): the channel's
-  ``B`` columns are accumulated down the ``A`` rows, vectorised across columns, then folded.
+  ``B`` columns are accumulated down the ``A`` rows, four rows at a time, vectorised across
+  columns, then folded. :data:`ROW_MIN` gives the measured crossovers.
 
 Every channel is reduced on its own, so inputs from ``_PARTS_MIN`` elements are split across
 threads in contiguous channel ranges (as many as ``torch.get_num_threads()``) and the result
@@ -63,11 +65,15 @@ import numpy as np
 
 __all__ = ["ROW_MIN", "available", "disable", "moments", "normalise"]
 
-#: Per-channel run length from which the row loop is used. Measured on (32, C, B) float32
-#: inputs, C = 64 and 512: the column loop is faster up to B = 12-16 (1.4-2.5x at B = 4-8),
-#: the two are even at 24, and from B = 32 the row loop is faster (1.3x at 32, 1.9x at 64,
-#: 3.2x at 128), because the column loop loads and stores its float64 accumulators per element.
-ROW_MIN = 32
+#: Per-channel run length from which the row loop is always used. The column loop sums four
+#: rows at a time into float64 accumulators it loads and stores per element, so its cost per
+#: element falls with the number of rows ``A`` while the row loop's (a horizontal sum per run)
+#: falls with the run length ``B``. Measured on ``(A, C, B)`` float32 inputs of 1 MiB (one
+#: Zen 4 core; column time / row time): at A = 32 the column loop is faster up to B = 48
+#: (0.34x at B = 4, 0.44x at 16, 0.79x at 32, 0.70x at 48), even at 64 and slower from 96
+#: (1.22x); at A = 8 faster up to B = 24 (0.52-0.88x) and slower from 32 (1.36x); at A = 4
+#: faster only at B = 4 (0.81x); below four rows it is slower everywhere (1.1x to 18x).
+ROW_MIN = 64
 #: Inputs from this many elements (64 KiB of float32) are split across threads, one
 #: contiguous channel range per thread, when the caller allows more than one. Chosen from
 #: one-off timings of batch mode on mobilenet_v2 (2 cores, 64x64, batch 32) at 16K, 64K and
@@ -207,6 +213,14 @@ def _threaded(
         _Parallel.lock.release()
 
 
+def _rows(x: np.ndarray) -> bool:
+    """Whether ``x`` (viewed as ``(A, C, B)``) is reduced by the row loop, not the column loop:
+    runs from ``ROW_MIN``, runs longer than three per row, or fewer than four rows (the
+    crossovers measured at :data:`ROW_MIN`)."""
+    outer, _, inner = x.shape
+    return inner >= ROW_MIN or outer < 4 or inner > 3 * outer
+
+
 def moments(x: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel float64 ``(mean, M2)`` of a C-contiguous ``(A, C, B)`` float32/64 array.
 
@@ -218,7 +232,7 @@ def moments(x: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         RuntimeError: when :func:`available` is False.
     """
     row, plane, _ = _kernels_or_raise()
-    return _run(row if x.shape[2] >= ROW_MIN else plane, x, threads)
+    return _run(row if _rows(x) else plane, x, threads)
 
 
 def normalise(
@@ -251,4 +265,4 @@ def normalise(
     channel_bytes = max(1, x.shape[2] * x.itemsize)  # one channel's run per sample
     rows = max(1, x.shape[0])
     block = max(1, _BLOCK_BYTES // (rows * channel_bytes), -(-_RUN_BYTES // channel_bytes))
-    return _run(kernel, x, threads, y, ROW_MIN, block, weight, bias, eps)
+    return _run(kernel, x, threads, y, _rows(x), block, weight, bias, eps)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnfold.recalib import kernels
+from bnfold.recalib import _jit, kernels
 from bnfold.recalib.stats import batch_moments, torch_moments
 
 
@@ -37,6 +37,7 @@ def _kernels_on() -> None:
 LAYOUTS = [
     pytest.param((16, 6, 24, 24), 1, False, id="nchw-long-runs"),
     pytest.param((16, 6, 5, 5), 1, False, id="nchw-short-runs"),
+    pytest.param((18, 6, 3, 3), 1, False, id="nchw-short-runs-rows-left-over"),
     pytest.param((300, 12), 1, False, id="features"),
     pytest.param((8, 5, 40), 1, False, id="conv1d"),
     pytest.param((2, 3, 4, 16, 16), 1, False, id="conv3d"),
@@ -66,7 +67,7 @@ def test_kernels_match_exact_sums(shape, axis, channels_last, dtype, monkeypatch
     assert rel(got_m2.numpy(), t_m2.numpy()) <= 1e-12
 
 
-@pytest.mark.parametrize("shape", [(32, 4, 20, 20), (32, 4, 3, 3), (500, 4)])
+@pytest.mark.parametrize("shape", [(32, 4, 20, 20), (32, 4, 3, 3), (30, 4, 3, 3), (500, 4)])
 def test_channels_far_from_zero_are_summed_again_about_their_mean(shape):
     # mean / std = 1e5: raw sums of x and x^2 would cancel to noise; the kernels recentre
     g = torch.Generator().manual_seed(7)
@@ -203,3 +204,18 @@ def test_a_kernel_failure_falls_back_to_torch_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         batch_moments(x, 1)  # no second warning: the kernels stay off
+
+
+@pytest.mark.parametrize(
+    "shape", [(32, 40, 16), (19, 8, 4), (3, 8, 4), (8, 16, 33), (64, 5, 1), (1, 6, 70)]
+)
+def test_row_and_column_loops_agree(shape):
+    # the loop shape is a matter of speed (kernels._rows): both reduce every channel in float64
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 2 + 5).numpy()
+    mean, m2 = fsum_moments(torch.from_numpy(x), 1)
+    for loop in (_jit.row_moments, _jit.plane_moments):
+        got_mean, got_m2 = np.empty(shape[1]), np.empty(shape[1])
+        loop(x, 0, shape[1], got_mean, got_m2)
+        assert rel(got_mean, mean) <= 1e-13
+        assert rel(got_m2, m2) <= 1e-13
