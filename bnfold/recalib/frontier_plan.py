@@ -128,14 +128,24 @@ class FrontierPlan:
 
     def live_after(self, k: int) -> list[fx.Node]:
         """Values of segments ``<= k`` that nodes of later segments read: the frontier."""
-        if k not in self._live:
-            self._live[k] = [
-                u
-                for u in self.placeholders + self.order
-                if self.segment[u] <= k
-                and any(self.segment.get(v, -1) > k for v in u.users if v in self.readers)
-            ]
-        return self._live[k]
+        if not self._live:
+            self._live = self._frontiers()
+        return self._live.get(k, [])
+
+    def _frontiers(self) -> dict[int, list[fx.Node]]:
+        """:meth:`live_after` for every ``k`` at once, in graph order.
+
+        A value is live from its own segment up to (not including) the last segment that
+        reads it, so one sweep over the nodes and their readers fills every frontier: a scan
+        of the whole graph per pass made this quadratic (about 30 ms per run on densenet121's
+        121 passes).
+        """
+        live: dict[int, list[fx.Node]] = {k: [] for k in range(self.passes + 1)}
+        for u in self.placeholders + self.order:
+            last = max((self.segment.get(v, -1) for v in u.users if v in self.readers), default=-1)
+            for k in range(self.segment[u], last):
+                live.setdefault(k, []).append(u)
+        return live
 
     def run(self, start: int, stop: int) -> tuple[list[fx.Node], list[list[fx.Node]]]:
         """The nodes of segments ``start+1 .. stop`` in graph order, and after each node the
