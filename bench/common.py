@@ -71,6 +71,9 @@ def interleaved(
     not a single timer-resolution call; and the order of the runs rotates by one every
     round, so no run always follows the same other run (whose cache footprint and allocator
     state it would otherwise inherit: a fixed order measured the same model 2-6% apart).
+    Each sample starts after a full garbage collection: in a process holding torch, one
+    costs about 200 ms, and otherwise falls inside whichever run allocates the object that
+    sets it off.
     """
     calls: dict[str, int] = {}
     for name, fn in runs.items():
@@ -84,6 +87,7 @@ def interleaved(
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fn, n = runs[name], calls[name]
+            gc.collect()  # no run pays for a full collection the objects of another set off
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
