@@ -45,8 +45,8 @@ and then a pass that writes the output. :func:`normalise` does both in one call
 and then normalised, so where the block stays cached the input is read from memory once, as
 the inference-mode ``batch_norm`` of a bare forward reads it. On mobilenet_v2's BN inputs at
 64x64 (batch 32, 1 thread, a Zen 4 core; ``bench/recalibrate.py --tables bn-call``) the fused
-call costs 0.4-2.0x of that ``batch_norm`` alone, the reduction followed by ``batch_norm``
-1.5-3.3x; on the one input larger than the caches (12.5 MB) the two are even.
+call costs 0.3-1.9x of that ``batch_norm`` alone, the reduction followed by ``batch_norm``
+1.4-3.4x; on the one input larger than the caches (12.5 MB) the two are even.
 
 numba is an optional accelerator, not a requirement: without it (or for CUDA tensors),
 :func:`bnfold.recalib.stats.batch_moments` uses the torch path. ``BNFOLD_NO_JIT=1`` forces the
