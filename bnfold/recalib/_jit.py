@@ -71,7 +71,7 @@ def plane_moments(x: Any, lo: int, hi: int, mean: Any, m2: Any) -> None:
     # short runs: the channels' columns are accumulated down the rows (vectorised across
     # columns), then each channel's columns are folded. Four rows are summed together
     # before they meet the accumulators, which are then loaded and stored once per four
-    # rows instead of once per row (1.3-1.7x on the 4x4 and 2x2 maps of the late stages)
+    # rows instead of once per row (1.3-1.8x on the 4x4 and 2x2 maps of the late stages)
     block = BLOCK
     outer, channels, inner = x.shape
     n = outer * inner
