@@ -144,7 +144,7 @@ class FrontierPlan:
         for u in self.placeholders + self.order:
             last = max((self.segment.get(v, -1) for v in u.users if v in self.readers), default=-1)
             for k in range(self.segment[u], last):
-                live.setdefault(k, []).append(u)
+                live[k].append(u)
         return live
 
     def run(self, start: int, stop: int) -> tuple[list[fx.Node], list[list[fx.Node]]]:

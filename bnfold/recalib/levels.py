@@ -83,15 +83,15 @@ def _dependencies(calls: list[list[Any]], count: int) -> list[set[int]]:
 
     def reached(fn: Any) -> int:
         # iterative post-order walk: a deep network's graph is deeper than Python's stack
-        stack = [(fn, False)]
+        stack: list[tuple[Any, list[Any] | None]] = [(fn, None)]
         while stack:
-            node, expanded = stack.pop()
+            node, parents = stack.pop()
             if node in memo:
                 continue
-            parents = [f for f, _ in node.next_functions if f is not None]
-            if not expanded:
-                stack.append((node, True))
-                stack.extend((f, False) for f in parents if f not in memo)
+            if parents is None:  # first visit: its parents go first
+                parents = [f for f, _ in node.next_functions if f is not None]
+                stack.append((node, parents))
+                stack.extend((f, None) for f in parents if f not in memo)
                 continue
             mask = 0
             leaf = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf tensor
@@ -103,19 +103,19 @@ def _dependencies(calls: list[list[Any]], count: int) -> list[set[int]]:
         return memo[fn]
 
     deps: list[set[int]] = [set() for _ in range(count)]
-    for k, (j, x, _leaf) in enumerate(calls):
-        earlier = {i for i, _x, leaf in calls[:k] if leaf is not None}
-        if not earlier:
-            continue
-        if not (isinstance(x, torch.Tensor) and x.requires_grad):
+    earlier: set[int] = set()  # sites whose output an earlier call made
+    for j, x, leaf in calls:
+        if earlier and not (isinstance(x, torch.Tensor) and x.requires_grad):
             # the graph was cut (no_grad inside the model): assume every earlier BN
             deps[j] |= earlier
-            continue
-        if x.grad_fn is None:
-            mask = 1 << leaf_site[id(x)] if id(x) in leaf_site else 0
-        else:
-            mask = reached(x.grad_fn)
-        deps[j] |= {i for i in earlier if mask >> i & 1}
+        elif earlier:
+            if x.grad_fn is None:
+                mask = 1 << leaf_site[id(x)] if id(x) in leaf_site else 0
+            else:
+                mask = reached(x.grad_fn)
+            deps[j] |= {i for i in earlier if mask >> i & 1}
+        if leaf is not None:
+            earlier.add(j)
     return deps
 
 
