@@ -17,8 +17,10 @@ returned and the driver falls back to one full pass per level:
 - every BN's input is ready by its own pass (a BN module reused in a chain at one level,
   e.g. in a loop, reads its own old-statistics output during that pass: not a segment cut);
 - every in-place op works on a fresh value computed in its own segment and read by nobody in
-  another segment, so running segments one after the other changes nothing (stored frontier
-  values are never written to). A model that edits its input in place falls back.
+  another segment, under any of its names (an ``nn.Identity`` or eval-mode dropout passes the
+  tensor itself on, as timm's ``drop_block`` before an in-place activation does), so running
+  segments one after the other changes nothing (stored frontier values are never written
+  to). A model that edits its input in place falls back.
 - the batch binds to the graph's inputs (plain positional/keyword parameters).
 """
 
@@ -214,6 +216,37 @@ def _fresh(node: fx.Node, modules: dict[fx.Node, nn.Module]) -> bool:
     return False
 
 
+def _passes_through(node: fx.Node, modules: dict[fx.Node, nn.Module]) -> bool:
+    """Whether ``node`` returns its one input tensor itself: ``nn.Identity``, and torch's
+    dropout modules, which return their input unchanged in eval mode (recalibration runs
+    every module in eval mode). timm's ``drop_block``/``attn`` placeholders are Identity."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return False
+    module = modules[node]
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return not module.training
+    return type(module) is nn.Identity
+
+
+def _alias_root(node: fx.Node, modules: dict[fx.Node, nn.Module]) -> fx.Node:
+    """The node whose value ``node``'s value is, seen through pass-through modules."""
+    while _passes_through(node, modules) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _aliases(base: fx.Node, modules: dict[fx.Node, nn.Module]) -> list[fx.Node]:
+    """``base`` and every node that passes its value through unchanged (all names of one
+    tensor, which an in-place op on any of them writes)."""
+    found, stack = [base], [base]
+    while stack:
+        for user in stack.pop().users:
+            if user not in found and _passes_through(user, modules):
+                found.append(user)
+                stack.append(user)
+    return found
+
+
 def _impure(node: fx.Node) -> bool:
     try:
         return bool(node.is_impure())
@@ -363,12 +396,18 @@ def plan_frontier(
             continue
         if written is True or not isinstance(written, fx.Node):
             return f"in-place op {node.name} writes a value it does not name"
-        same = all(segment.get(u, -1) == segment[node] for u in written.users if u in needed)
+        # the write lands on the tensor behind any pass-through (Identity, eval-mode
+        # dropout), so every name of that tensor must stay within the op's segment
+        base = _alias_root(written, modules)
+        aliases = _aliases(base, modules)
+        same = all(
+            segment.get(u, -1) == segment[node] for a in aliases for u in a.users if u in needed
+        )
         if (
-            written.op in ("placeholder", "get_attr")
-            or segment[written] != segment[node]
+            base.op in ("placeholder", "get_attr")
+            or segment[base] != segment[node]
             or not same
-            or not _fresh(written, modules)
+            or not _fresh(base, modules)
         ):
             return f"in-place op {node.name} writes a value other segments may read"
     forward = runner.forward

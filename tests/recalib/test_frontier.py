@@ -125,6 +125,72 @@ def test_dict_input_model():
     assert r.strategy == "frontier"
 
 
+class _InPlaceThroughPassThrough(nn.Module):
+    """timm's pattern: BN -> Identity (``drop_block``) -> ReLU(inplace), and BN -> Dropout
+    (eval) -> ``relu_``: the in-place ops write a BN's output under another name.
+
+    ``skip`` also adds the first BN's output (edited in place) to the last BN's input, a
+    level later, which the plan does not reproduce across a segment cut: it falls back.
+    """
+
+    def __init__(self, skip: bool = False) -> None:
+        super().__init__()
+        self.skip = skip
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.drop_block, self.act = nn.Identity(), nn.ReLU(inplace=True)
+        self.conv2, self.bn2, self.drop = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.drop_block(self.bn1(self.conv1(x)))
+        z = self.act(y)
+        w = self.conv3(self.drop(self.bn2(self.conv2(z))).relu_())
+        return self.bn3(w + y if self.skip else w)
+
+
+def test_in_place_ops_through_identity_and_dropout_use_the_frontier():
+    torch.manual_seed(0)
+    _r, r = _both(_InPlaceThroughPassThrough().eval(), _data((3, 6, 6)))
+    assert r.strategy == "frontier", r.strategy_note
+
+
+def test_in_place_edit_read_by_a_later_segment_falls_back_with_the_same_bits():
+    torch.manual_seed(0)
+    _r, r = _both(_InPlaceThroughPassThrough(skip=True).eval(), _data((3, 6, 6)))
+    assert r.strategy == "per-level"
+    assert "in-place op act writes a value other segments may read" in r.strategy_note
+
+
+class _EditsItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop_block, self.conv, self.bn = nn.Identity(), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(self.drop_block(x).relu_()))
+
+
+def test_in_place_edit_of_the_input_through_identity_falls_back():
+    torch.manual_seed(0)
+    _r, r = _both(_EditsItsInput().eval(), _data((3, 4, 4)))
+    assert r.strategy == "per-level" and "in-place" in r.strategy_note
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "repvgg_a0"])
+def test_timm_models_with_in_place_activations_use_the_frontier(arch):
+    """timm's ResNet blocks run ``act2`` in place on ``drop_block``'s output (an Identity),
+    RepVGG its activation on ``attn``'s: both are cut into segments, with the same bits."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=5).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    _r, r = _both(model, _data((3, 32, 32), batches=2, bs=3))
+    assert r.strategy == "frontier", r.strategy_note
+
+
 class _Branchy(nn.Module):
     """Data-dependent control flow: torch.fx cannot trace it."""
 
