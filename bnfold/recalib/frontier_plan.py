@@ -108,7 +108,6 @@ _FRESH_MODULES = (_BatchNorm, _ConvNd, nn.Linear)
 class FrontierPlan:
     """The captured graph cut into segments, and what each pass runs, measures and keeps."""
 
-    root: nn.Module
     #: the module the user called: its forward pre-hooks run before every batch
     caller: nn.Module
     placeholders: list[fx.Node]
@@ -415,7 +414,6 @@ def plan_frontier(
     if isinstance(bind, str):
         return bind
     return FrontierPlan(
-        root=root,
         caller=model,
         placeholders=placeholders,
         bind=bind,
