@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,11 +43,37 @@ from bnfold.recalib.torch_sites import Site
 __all__ = ["FrontierPlan", "plan_frontier"]
 
 
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable[..., Any], ...]]:
+    """The modules and functions timm marks as not traceable, where timm is already imported.
+
+    timm registers the layers whose forward computes on input sizes (``Conv2dSame`` and the
+    other "same"-padding layers of its ``tf_*`` models, window attention, ...) for its own
+    torch.fx feature extraction, which keeps them as leaf modules and wraps the functions.
+    The same registry lets these models trace here. timm is never imported by bnfold: a model
+    built with timm has imported it already.
+    """
+    layers = sys.modules.get("timm.layers")
+    try:
+        modules = tuple(getattr(layers, "get_notrace_modules")())  # noqa: B009
+        functions = tuple(getattr(layers, "get_notrace_functions")())  # noqa: B009
+    except Exception:  # no timm, or one without the registry
+        return (), ()
+    return modules, functions
+
+
 class _Tracer(fx.Tracer):
-    """Keeps BN modules (any subclass, the user's own too) as leaves, so each call is a node."""
+    """Keeps BN modules (any subclass, the user's own too) as leaves, so each call is a node,
+    and honours timm's not-traceable registry (:func:`_timm_notrace`). A leaf that holds a
+    BN hides its calls from the graph, which the plan then refuses (the graph would not call
+    the BNs the model calls), so a leaf never changes the result, only the reach."""
+
+    def __init__(self) -> None:
+        modules, functions = _timm_notrace()
+        self._leaves = (_BatchNorm, torch.jit.ScriptModule, *modules)
+        super().__init__(autowrap_functions=functions)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _BatchNorm | torch.jit.ScriptModule):
+        if isinstance(m, self._leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

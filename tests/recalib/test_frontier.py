@@ -176,10 +176,12 @@ def test_in_place_edit_of_the_input_through_identity_falls_back():
     assert r.strategy == "per-level" and "in-place" in r.strategy_note
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "repvgg_a0"])
-def test_timm_models_with_in_place_activations_use_the_frontier(arch):
+@pytest.mark.parametrize("arch", ["resnet18", "repvgg_a0", "tf_mobilenetv3_small_100"])
+def test_timm_models_use_the_frontier(arch):
     """timm's ResNet blocks run ``act2`` in place on ``drop_block``'s output (an Identity),
-    RepVGG its activation on ``attn``'s: both are cut into segments, with the same bits."""
+    RepVGG its activation on ``attn``'s; the ``tf_*`` models pad "same" from the input size,
+    which traces only with timm's not-traceable registry. All are cut into segments, with
+    the same bits."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, num_classes=5).eval()
