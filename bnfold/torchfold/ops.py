@@ -265,6 +265,25 @@ def _own_forward(module: nn.Module, base: type) -> bool:
     }
 
 
+#: Conv subclasses outside torch whose forward is known: timm's ``Conv2dSame`` (its ``tf_*``
+#: models) zero-pads the input by an amount computed from the input size ("same" padding)
+#: and then runs ``F.conv2d`` with its own weight and bias and no padding of its own. That
+#: is linear in the weight and bias, so a BN after it folds exactly; a BN before it would
+#: meet the zero padding, as with any zero-padded conv, so that direction is refused. Matched
+#: on the exact class (module and name), so a subclass with another forward never is.
+_SAME_PADDING_CONVS = {("timm.layers.conv2d_same", "Conv2dSame")}
+
+
+def _same_padding_conv(module: nn.Module) -> bool:
+    cls = type(module)
+    return (
+        (cls.__module__, cls.__qualname__) in _SAME_PADDING_CONVS
+        and isinstance(module, _ConvNd)
+        and not any(module.padding)
+        and module.padding_mode == "zeros"
+    )
+
+
 def is_bn_module(module: nn.Module) -> bool:
     """A BatchNorm or BN-like module (see :mod:`bnfold.torchfold.bnlike`), known or refused."""
     return bnlike.is_bn_like(module)
@@ -391,11 +410,13 @@ def as_layer(node: fx.Node, root: nn.Module) -> Layer | None:
                 input=x,
                 unsupported=parametrized(mod),
             )
-        if isinstance(mod, _ConvNd) and _own_forward(mod, _ConvNd):
+        same = _same_padding_conv(mod)
+        if isinstance(mod, _ConvNd) and (same or _own_forward(mod, _ConvNd)):
             spatial = len(mod.kernel_size)
             kind = "conv_transpose" if mod.transposed else "conv"
             conv_bias = ParamRef(path, "bias") if mod.bias is not None else None
-            pad = _padding(mod.padding, mod.weight, mod.dilation, spatial)
+            # "same" as torch's own padding="same" is judged: the most it can add per side
+            pad = _padding("same" if same else mod.padding, mod.weight, mod.dilation, spatial)
             return Layer(
                 node,
                 kind,  # type: ignore[arg-type]

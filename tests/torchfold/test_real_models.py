@@ -48,6 +48,31 @@ def test_quick_timm_batchnormact_mobilenetv3_folds_keeps_its_activations() -> No
     assert type(folded.bn1) is act  # BN part folded, the activation stays at the same path
 
 
+def test_timm_same_padding_convs_take_the_bn_after_them() -> None:
+    """timm's ``tf_*`` models use ``Conv2dSame`` (zero padding computed from the input size):
+    every BN after one folds, and the folded model stays exact at other input sizes, where
+    the padding differs."""
+    model = timm.create_model("tf_mobilenetv3_small_075", pretrained=False)
+    folded, report = _check(model, torch.randn(2, 3, 64, 64))
+    assert report.decisions[0].target == "conv_stem"
+    own, err = float64_error(model, folded, torch.randn(1, 3, 61, 67))
+    assert err <= 4 * own + 2e-7, (own, err)
+
+
+def test_a_bn_before_a_same_padding_conv_folds_forward_only_without_padding() -> None:
+    from timm.layers import Conv2dSame
+
+    x = torch.randn(2, 3, 9, 9)
+    for kernel, folds in ((3, False), (1, True)):
+        model = randomise_bn_like(nn.Sequential(nn.BatchNorm2d(3), Conv2dSame(3, 4, kernel, 2)))
+        folded, report = fold_torch(model, x, direction="forward")
+        assert report.decisions[0].folded is folds, report.decisions[0].reason
+        if not folds:
+            assert "pads with zeros" in report.decisions[0].reason
+        own, err = float64_error(model, folded, x)
+        assert err <= 4 * own + 2e-7, (own, err)
+
+
 def test_timm_frozen_batchnorm_resnet_folds() -> None:
     from timm.utils.model import freeze_batch_norm_2d
 
