@@ -38,6 +38,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from bnfold.passthrough import returns_its_input
 from bnfold.recalib.torch_sites import Site
 
 __all__ = ["FrontierPlan", "plan_frontier"]
@@ -243,15 +244,11 @@ def _fresh(node: fx.Node, modules: dict[fx.Node, nn.Module]) -> bool:
 
 
 def _passes_through(node: fx.Node, modules: dict[fx.Node, nn.Module]) -> bool:
-    """Whether ``node`` returns its one input tensor itself: ``nn.Identity``, and torch's
-    dropout modules, which return their input unchanged in eval mode (recalibration runs
-    every module in eval mode). timm's ``drop_block``/``attn`` placeholders are Identity."""
+    """Whether ``node`` returns its one input tensor itself (recalibration runs every module
+    in eval mode; timm's ``drop_block``/``attn`` placeholders are ``nn.Identity``)."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
-    module = modules[node]
-    if isinstance(module, nn.modules.dropout._DropoutNd):
-        return not module.training
-    return type(module) is nn.Identity
+    return returns_its_input(modules[node])
 
 
 def _alias_root(node: fx.Node, modules: dict[fx.Node, nn.Module]) -> fx.Node:

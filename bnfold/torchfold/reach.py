@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from bnfold import foldmath
 from bnfold.guards import SiteFacts, check
+from bnfold.passthrough import returns_its_input
 from bnfold.sites import Direction, FoldDecision
 from bnfold.torchfold.discover import (
     Site,
@@ -103,7 +104,6 @@ _AVG_FUNCTIONS = (
     aten.avg_pool3d.default,
 )
 _MEANS = (torch.mean, aten.mean.dim)
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 @dataclass
@@ -427,10 +427,7 @@ def _pool_problem(node: fx.Node, gm: fx.GraphModule) -> tuple[bool, str | None]:
 
 def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
     """An ``nn.Identity`` or an eval-mode dropout module: its output is its input."""
-    if node.op != "call_module":
-        return False
-    mod = gm.get_submodule(str(node.target))
-    return type(mod) is nn.Identity or (isinstance(mod, _DROPOUTS) and not mod.training)
+    return node.op == "call_module" and returns_its_input(gm.get_submodule(str(node.target)))
 
 
 def _avg_problem(node: fx.Node, padding: Any, ceil_mode: Any, divisor: Any) -> str | None:
