@@ -79,6 +79,7 @@ def plane_moments(x: Any, lo: int, hi: int, mean: Any, m2: Any) -> None:
     first, last = lo * inner, hi * inner
     grouped = outer - outer % 4
     centre = np.zeros(last - first)
+    recentre = np.zeros(hi - lo, dtype=np.bool_)
     sums = np.empty(last - first)
     squares = np.empty(last - first)
     for attempt in range(2):
@@ -134,11 +135,17 @@ def plane_moments(x: Any, lo: int, hi: int, mean: Any, m2: Any) -> None:
                 s2 += run2[b]
             mean[c] = centre[k] + s1 / n
             m2[c] = s2 - s1 * s1 / n
-            again = again or off_centre(s1, s2, n)
+            if attempt == 0 and off_centre(s1, s2, n):
+                recentre[c - lo] = True
+                again = True
         if not again:
             break
+        # only the channels off centre move their centre; the others (centre 0) are summed
+        # again to the same bits, so no channel's result depends on which range it shares
+        # (the thread count sets the ranges)
         for c in range(lo, hi):
-            centre[(c - lo) * inner : (c - lo + 1) * inner] = mean[c]
+            if recentre[c - lo]:
+                centre[(c - lo) * inner : (c - lo + 1) * inner] = mean[c]
 
 
 @_jit
