@@ -1,6 +1,6 @@
 """Recalibration side by side with ``torch.optim.swa_utils.update_bn`` and a bare forward.
 
-Six tables:
+Seven tables:
 
 1. Statistics error of the first BatchNorm (its input does not depend on other BNs, so every
    tool measures the same activations) against a float64 whole-data oracle, on data built to
@@ -32,6 +32,11 @@ Six tables:
    followed by ``batch_norm``, and the fused call that does both from one read, on
    mobilenet_v2's BN input shapes at 64x64 (``--batch-size 32``).
 
+7. The same call in context (``--tables bn-context``): a 1x1 convolution, the BN call and a
+   ReLU in a loop, on those of the shapes the row loop takes, with the kernels' threads split
+   by samples (as batch mode runs them) and by channel ranges, beside ``batch_norm``, and the
+   ReLU after each (``--threads 2``: the split only matters with more than one thread).
+
 Run: ``python bench/recalibrate.py [--model resnet-mini] [--batches 16] [--batch-size 64]
 [--threads 1] [--no-population]``. ``BNFOLD_NO_JIT=1`` times the torch fallback instead of the
 compiled moment kernels.
@@ -42,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -418,6 +424,97 @@ def bn_call_table(bs: int, repeats: int) -> list[dict[str, Any]]:
     return out
 
 
+def bn_context_table(bs: int, repeats: int) -> list[dict[str, Any]]:
+    """The fused call where batch mode makes it: after a convolution, before a ReLU.
+
+    A 1x1 convolution, the BN call and a ReLU run in a loop of 20, each timed on its own.
+    Which core wrote which part of the BN input, and which part each core reads after it,
+    matters here and not when one input is timed alone (``bn_call_table``): the fused call
+    with the threads split by samples (as batch mode runs it) and by channel ranges (as it
+    ran before), beside inference-mode ``batch_norm``, each as a time ratio to
+    ``batch_norm``, and the ReLU after each as a ratio to the ReLU after ``batch_norm``.
+    """
+    from bnfold.recalib import kernels
+    from bnfold.recalib.stats import FusedBatchNorm
+
+    print(
+        f"\nBN call in context: 1x1 conv -> BN -> ReLU ({bs} x C x S x S float32, "
+        f"{torch.get_num_threads()} thread(s), {repeats} interleaved rounds of 20 calls; "
+        "time as a ratio to batch_norm, lower is better)"
+    )
+    print(
+        f"{'input':<18}{'batch_norm us':>14}{'fused, samples':>16}{'fused, channels':>17}"
+        f"{'ReLU after, samples':>21}{'ReLU after, channels':>22}"
+    )
+    out = []
+    gen = torch.Generator().manual_seed(6)
+    for channels, side in BN_CALL_SHAPES:
+        if side * side < kernels.ROW_MIN:
+            continue  # short runs: the column loop, split by channels either way
+        x = torch.randn(bs, channels, side, side, generator=gen)
+        w = torch.randn(channels, channels, 1, 1, generator=gen) / channels**0.5
+        weight, bias = torch.rand(channels, generator=gen) + 0.5, torch.randn(channels)
+        mean, var = torch.zeros(channels), torch.ones(channels)
+        fused = FusedBatchNorm(1e-5)
+        norms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            "bn": lambda h, m=mean, v=var, g=weight, b=bias: F.batch_norm(h, m, v, g, b),
+            "samples": lambda h, f=fused, g=weight, b=bias: f(h, g, b)[3],
+            "channels": lambda h, f=fused, g=weight, b=bias: f(h, g, b)[3],
+        }
+        for key, norm in norms.items():  # warm-up: compilation, first allocations
+            _context_loop(x, w, norm, key != "channels")
+        bn_t: dict[str, list[float]] = {k: [] for k in norms}
+        relu_t: dict[str, list[float]] = {k: [] for k in norms}
+        for _ in range(max(repeats, 1)):
+            for key, norm in norms.items():
+                t_bn, t_relu = _context_loop(x, w, norm, key != "channels")
+                bn_t[key].append(t_bn)
+                relu_t[key].append(t_relu)
+        label = f"{bs}x{channels}x{side}x{side}"
+        row = {
+            "input": label,
+            "batch_norm_us": min(bn_t["bn"]) / 20 * 1e6,
+            "fused_samples": time_ratio(bn_t["bn"], bn_t["samples"]),
+            "fused_channels": time_ratio(bn_t["bn"], bn_t["channels"]),
+            "relu_samples": time_ratio(relu_t["bn"], relu_t["samples"]),
+            "relu_channels": time_ratio(relu_t["bn"], relu_t["channels"]),
+        }
+        print(
+            f"{label:<18}{row['batch_norm_us']:>14.0f}{row['fused_samples']:>15.2f}x"
+            f"{row['fused_channels']:>16.2f}x{row['relu_samples']:>20.2f}x"
+            f"{row['relu_channels']:>21.2f}x"
+        )
+        out.append(row)
+    return out
+
+
+def _context_loop(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    norm: Callable[[torch.Tensor], torch.Tensor],
+    split_samples: bool,
+) -> tuple[float, float]:
+    """Seconds in ``norm`` and in the ReLU after it over 20 rounds of conv -> norm -> ReLU."""
+    from bnfold.recalib import kernels
+
+    t_norm = t_relu = 0.0
+    kernels.SPLIT_SAMPLES = split_samples
+    try:
+        with torch.no_grad():
+            h = x
+            for _ in range(20):
+                h = F.conv2d(h, w)
+                t0 = time.perf_counter()
+                h = norm(h)
+                t1 = time.perf_counter()
+                h = F.relu(h)
+                t_relu += time.perf_counter() - t1
+                t_norm += t1 - t0
+    finally:
+        kernels.SPLIT_SAMPLES = True
+    return t_norm, t_relu
+
+
 def onnx_table(model_name: str, batches: int, bs: int) -> dict[str, float]:
     import onnx_graphsurgeon as gs
 
@@ -451,7 +548,8 @@ def main() -> None:
     ap.add_argument(
         "--tables",
         default="errors,throughput,onnx",
-        help="comma-separated subset of: errors, throughput, strategies, grid, bn-call, onnx",
+        help="comma-separated subset of: errors, throughput, strategies, grid, bn-call, bn-context, "
+        "onnx",
     )
     ap.add_argument(
         "--models",
@@ -503,6 +601,8 @@ def main() -> None:
         )
     if "bn-call" in tables:
         bn_call_table(args.batch_size, args.repeats)
+    if "bn-context" in tables:
+        bn_context_table(args.batch_size, args.repeats)
     if "onnx" in tables:
         onnx_table(args.model, args.batches, args.batch_size)
 

@@ -30,40 +30,51 @@ def off_centre(s1: float, s2: float, n: int) -> bool:
     return s1 * s1 / n > RECENTRE * (s2 - s1 * s1 / n)
 
 
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True, inline="always")  # type: ignore[untyped-decorator]
+def run_sums(x: Any, a: int, c: int) -> tuple[float, float]:
+    # the float64 sums of x and x^2 over one contiguous run (vectorised)
+    t1 = 0.0
+    t2 = 0.0
+    for b in range(x.shape[2]):
+        v = np.float64(x[a, c, b])
+        t1 += v
+        t2 += v * v
+    return t1, t2
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True, inline="always")  # type: ignore[untyped-decorator]
+def finish_channel(x: Any, c: int, s1: float, s2: float, mean: Any, m2: Any) -> None:
+    # mean and M2 of channel c from its raw sums, summed again about the mean when off centre
+    outer, _channels, inner = x.shape
+    n = outer * inner
+    centre = 0.0
+    if off_centre(s1, s2, n):
+        centre = s1 / n
+        s1 = 0.0
+        s2 = 0.0
+        for a in range(outer):
+            for b in range(inner):
+                d = np.float64(x[a, c, b]) - centre
+                s1 += d
+                s2 += d * d
+    mean[c] = centre + s1 / n
+    m2[c] = s2 - s1 * s1 / n
+
+
 @_jit
 def row_moments(x: Any, lo: int, hi: int, mean: Any, m2: Any) -> None:
     # sweeps the input in memory order (prefetch-friendly), one contiguous run at a time;
     # per-run partial sums are added to per-channel totals (a two-level, more accurate sum)
-    outer, _channels, inner = x.shape
-    n = outer * inner
+    outer = x.shape[0]
     s1 = np.zeros(hi - lo)
     s2 = np.zeros(hi - lo)
     for a in range(outer):
         for c in range(lo, hi):
-            t1 = 0.0
-            t2 = 0.0
-            for b in range(inner):
-                v = np.float64(x[a, c, b])
-                t1 += v
-                t2 += v * v
+            t1, t2 = run_sums(x, a, c)
             s1[c - lo] += t1
             s2[c - lo] += t2
     for c in range(lo, hi):
-        k = c - lo
-        centre = 0.0
-        if off_centre(s1[k], s2[k], n):
-            centre = s1[k] / n
-            t1 = 0.0
-            t2 = 0.0
-            for a in range(outer):
-                for b in range(inner):
-                    d = np.float64(x[a, c, b]) - centre
-                    t1 += d
-                    t2 += d * d
-            s1[k] = t1
-            s2[k] = t2
-        mean[c] = centre + s1[k] / n
-        m2[c] = s2[k] - s1[k] * s1[k] / n
+        finish_channel(x, c, s1[c - lo], s2[c - lo], mean, m2)
 
 
 @_jit
@@ -148,6 +159,37 @@ def plane_moments(x: Any, lo: int, hi: int, mean: Any, m2: Any) -> None:
                 centre[(c - lo) * inner : (c - lo + 1) * inner] = mean[c]
 
 
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True, inline="always")  # type: ignore[untyped-decorator]
+def scale_shift(
+    x: Any, c0: int, c1: int, weight: Any, bias: Any, eps: float, mean: Any, m2: Any
+) -> tuple[Any, Any]:
+    # y = x * scale + shift, the form inference-mode batch_norm evaluates, with scale and
+    # shift from the float64 moments rounded once to the input's dtype (channels [c0, c1))
+    n = x.shape[0] * x.shape[2]
+    scale = np.empty(c1 - c0, dtype=x.dtype)
+    shift = np.empty(c1 - c0, dtype=x.dtype)
+    for c in range(c0, c1):
+        s = weight[c] / np.sqrt(m2[c] / n + eps)
+        scale[c - c0] = s
+        shift[c - c0] = bias[c] - mean[c] * s
+    return scale, shift
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True, inline="always")  # type: ignore[untyped-decorator]
+def normalise_runs(
+    x: Any, y: Any, a0: int, a1: int, c0: int, c1: int, scale: Any, shift: Any
+) -> None:
+    # y = x * scale + shift on rows [a0, a1) of channels [c0, c1), one run at a time
+    for a in range(a0, a1):
+        for c in range(c0, c1):
+            src = x[a, c]
+            dst = y[a, c]
+            k = scale[c - c0]
+            d = shift[c - c0]
+            for b in range(x.shape[2]):
+                dst[b] = src[b] * k + d
+
+
 @_jit
 def normalise_moments(
     x: Any,
@@ -167,30 +209,15 @@ def normalise_moments(
     # (same channels, same order, same bits), then normalised with its batch mean and
     # biased variance while it is still cached, so the input is read from memory once
     outer, _channels, inner = x.shape
-    n = outer * inner
     for c0 in range(lo, hi, block):
         c1 = min(hi, c0 + block)
         if rows:
             row_moments(x, c0, c1, mean, m2)
         else:
             plane_moments(x, c0, c1, mean, m2)
-        # y = x * scale + shift, the form inference-mode batch_norm evaluates, with scale and
-        # shift from the float64 moments rounded once to the input's dtype
-        scale = np.empty(c1 - c0, dtype=x.dtype)
-        shift = np.empty(c1 - c0, dtype=x.dtype)
-        for c in range(c0, c1):
-            s = weight[c] / np.sqrt(m2[c] / n + eps)
-            scale[c - c0] = s
-            shift[c - c0] = bias[c] - mean[c] * s
+        scale, shift = scale_shift(x, c0, c1, weight, bias, eps, mean, m2)
         if rows:
-            for a in range(outer):
-                for c in range(c0, c1):
-                    src = x[a, c]
-                    dst = y[a, c]
-                    k = scale[c - c0]
-                    d = shift[c - c0]
-                    for b in range(inner):
-                        dst[b] = src[b] * k + d
+            normalise_runs(x, y, 0, outer, c0, c1, scale, shift)
         else:
             # short runs: the per-channel factors spread over the block's columns, so the
             # loop runs across channels
@@ -244,3 +271,74 @@ def normalise_moments_parts(
         lo = channels * k // parts
         hi = channels * (k + 1) // parts
         normalise_moments(x, lo, hi, y, rows, block, weight, bias, eps, mean, m2)
+
+
+# The row loop split by samples instead: each thread reduces the runs of its own contiguous
+# range of samples (outer indices), which is the range the PyTorch op before the BN wrote on
+# that core, and the normalising pass writes the same range, the one the op after reads there.
+# The per-run sums go to an ``(outer, channels)`` table that is then added up per channel in
+# sample order, the order :func:`row_moments` adds them in, so the bits are the same as the
+# serial kernel's for any number of parts.
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True, inline="always")  # type: ignore[untyped-decorator]
+def row_partials(x: Any, parts: int, c0: int, c1: int, p1: Any, p2: Any) -> None:
+    # per-run sums of channels [c0, c1), each part a contiguous range of samples; inlined
+    # where it is called, so the loop below is part of the caller's parallel region
+    outer = x.shape[0]
+    for k in numba.prange(parts):
+        for a in range(outer * k // parts, outer * (k + 1) // parts):
+            for c in range(c0, c1):
+                p1[a, c], p2[a, c] = run_sums(x, a, c)
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True, inline="always")  # type: ignore[untyped-decorator]
+def add_partials(x: Any, p1: Any, p2: Any, lo: int, hi: int, mean: Any, m2: Any) -> None:
+    # channels [lo, hi): the per-run sums added in sample order, as row_moments adds them
+    s1 = np.zeros(hi - lo)
+    s2 = np.zeros(hi - lo)
+    for a in range(x.shape[0]):
+        for c in range(lo, hi):
+            s1[c - lo] += p1[a, c]
+            s2[c - lo] += p2[a, c]
+    for c in range(lo, hi):
+        finish_channel(x, c, s1[c - lo], s2[c - lo], mean, m2)
+
+
+@_parallel
+def row_moments_samples(x: Any, parts: int, mean: Any, m2: Any) -> None:
+    outer, channels, _inner = x.shape
+    p1 = np.empty((outer, channels))
+    p2 = np.empty((outer, channels))
+    row_partials(x, parts, 0, channels, p1, p2)
+    for k in numba.prange(parts):
+        add_partials(x, p1, p2, channels * k // parts, channels * (k + 1) // parts, mean, m2)
+
+
+@_parallel
+def normalise_rows_samples(
+    x: Any,
+    parts: int,
+    y: Any,
+    block: int,
+    weight: Any,
+    bias: Any,
+    eps: float,
+    mean: Any,
+    m2: Any,
+) -> None:
+    # blocks of channels as in normalise_moments, so a block is normalised while cached
+    outer, channels, _inner = x.shape
+    p1 = np.empty((outer, channels))
+    p2 = np.empty((outer, channels))
+    for c0 in range(0, channels, block):
+        c1 = min(channels, c0 + block)
+        row_partials(x, parts, c0, c1, p1, p2)
+        width = c1 - c0
+        for k in numba.prange(parts):
+            add_partials(
+                x, p1, p2, c0 + width * k // parts, c0 + width * (k + 1) // parts, mean, m2
+            )
+        scale, shift = scale_shift(x, c0, c1, weight, bias, eps, mean, m2)
+        for k in numba.prange(parts):
+            normalise_runs(x, y, outer * k // parts, outer * (k + 1) // parts, c0, c1, scale, shift)

@@ -28,9 +28,21 @@ elements per channel per outer index):
   ``B`` columns are accumulated down the ``A`` rows, four rows at a time, vectorised across
   columns, then folded. :data:`ROW_MIN` gives the measured crossovers.
 
-Every channel is reduced on its own, so inputs from ``_PARTS_MIN`` elements are split across
-threads in contiguous channel ranges (as many as ``torch.get_num_threads()``) and the result
-does not depend on the thread count. The threads are numba's threading layer (the kernels
+Inputs from ``_PARTS_MIN`` elements are split across threads (as many as
+``torch.get_num_threads()``), and the result does not depend on the thread count. The row loop
+splits the samples (the outer index) into contiguous ranges, one per thread: that is how
+PyTorch's convolutions and elementwise ops split an NCHW tensor among its threads, so each
+thread reads the part the op before the BN wrote on its own core, and in batch mode writes
+the part the op after it reads there. Each thread keeps its runs' partial sums in an
+``(outer, channels)`` table, which is then added up per channel in sample order, the order of
+the serial loop, so the bits are the serial kernel's. Split by channels
+instead, each thread read half its input from the other core's cache and wrote half of what
+the next op's thread on its core reads: in a conv -> BN -> ReLU loop at 2 threads
+(``bench/recalibrate.py --tables bn-context``, mobilenet_v2's long-run inputs at 64x64), the
+ReLU after the fused call was faster with the sample split in 12 of 16 shape-runs, while the
+fused call itself cost about the same either way. The column loop, and
+the row loop when there are fewer samples than threads, split contiguous channel ranges
+(every channel is reduced on its own). The threads are numba's threading layer (the kernels
 release the GIL, and a ``*_parts`` twin runs them over the ranges), not Python threads: see
 :func:`_threaded` for why, and for the guards. Both layers numba can bring have a hazard,
 each handled there: GNU OpenMP is not fork-safe (a child forked after a threaded call runs
@@ -75,7 +87,7 @@ __all__ = ["ROW_MIN", "available", "disable", "moments", "normalise"]
 #: faster only at B = 4 (0.81x); below four rows it is slower everywhere (1.1x to 18x).
 ROW_MIN = 64
 #: Inputs from this many elements (64 KiB of float32) are split across threads, one
-#: contiguous channel range per thread, when the caller allows more than one. Chosen from
+#: contiguous range of samples or channels per thread, when the caller allows more than one. Chosen from
 #: one-off timings of batch mode on mobilenet_v2 (2 cores, 64x64, batch 32) at 16K, 64K and
 #: 256K, where the smallest was fastest; the grid in the README has the resulting figures.
 _PARTS_MIN = 1 << 14
@@ -89,6 +101,10 @@ _PARTS_MIN = 1 << 14
 #: than ``_RUN_BYTES``, which keeps the hardware prefetchers streaming at large batch sizes.
 _BLOCK_BYTES = 2 << 20
 _RUN_BYTES = 64 << 10
+
+#: Whether the row loop splits samples (True) or channel ranges across threads. A module
+#: switch, read per call, so a benchmark can time the two splits side by side.
+SPLIT_SAMPLES = True
 
 _kernels: tuple[Any, ...] | None = None
 _loaded = False
@@ -116,9 +132,9 @@ def _compile() -> tuple[Any, ...] | None:
         warnings.warn(f"bnfold: numba kernels unavailable ({e}); using torch", stacklevel=2)
         return None
     return (
-        (_jit.row_moments, _jit.row_moments_parts),
+        (_jit.row_moments, _jit.row_moments_parts, _jit.row_moments_samples),
         (_jit.plane_moments, _jit.plane_moments_parts),
-        (_jit.normalise_moments, _jit.normalise_moments_parts),
+        (_jit.normalise_moments, _jit.normalise_moments_parts, _jit.normalise_rows_samples),
     )
 
 
@@ -151,21 +167,33 @@ def _kernels_or_raise() -> tuple[Any, ...]:
 
 
 def _run(
-    kernel: tuple[Any, Any], x: np.ndarray, threads: int, *args: Any
+    kernel: tuple[Any, ...],
+    x: np.ndarray,
+    threads: int,
+    *args: Any,
+    by_samples: tuple[Any, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run a kernel over all channels of ``x``; returns ``(mean, m2)``.
 
-    ``kernel`` is the pair ``(serial, threaded)``: ``serial(x, lo, hi, *args, mean, m2)``
-    covers channels ``[lo, hi)``, ``threaded(x, parts, *args, mean, m2)`` runs ``parts``
-    contiguous channel ranges of it on numba's threads. Every channel is reduced on its own,
-    so both give the same bits.
+    ``kernel`` starts with the pair ``(serial, threaded)``: ``serial(x, lo, hi, *args, mean,
+    m2)`` covers channels ``[lo, hi)``, ``threaded(x, parts, *args, mean, m2)`` runs ``parts``
+    contiguous channel ranges of it on numba's threads. A third entry, where present, splits
+    the outer (sample) axis instead: ``kernel[2](x, parts, *by_samples, mean, m2)``, used when
+    there are at least as many samples as threads. Every variant gives the same bits.
     """
-    channels = x.shape[1]
+    outer, channels = x.shape[0], x.shape[1]
     mean = np.empty(channels)
     m2 = np.empty(channels)
-    parts = min(threads, channels, x.size // _PARTS_MIN)
-    if parts > 1 and _threaded(kernel[1], x, parts, args, mean, m2):
-        return mean, m2
+    split_samples = SPLIT_SAMPLES and len(kernel) > 2 and outer >= threads
+    parts = min(threads, outer if split_samples else channels, x.size // _PARTS_MIN)
+    if parts > 1:
+        threaded, threaded_args = (
+            (kernel[2], args if by_samples is None else by_samples)
+            if split_samples
+            else (kernel[1], args)
+        )
+        if _threaded(threaded, x, parts, threaded_args, mean, m2):
+            return mean, m2
     kernel[0](x, 0, channels, *args, mean, m2)
     return mean, m2
 
@@ -261,8 +289,20 @@ def normalise(
         eps: the BN's epsilon.
         threads: as for :func:`moments`.
     """
-    _, _, kernel = _kernels_or_raise()
+    _, _, fused = _kernels_or_raise()
     channel_bytes = max(1, x.shape[2] * x.itemsize)  # one channel's run per sample
     rows = max(1, x.shape[0])
     block = max(1, _BLOCK_BYTES // (rows * channel_bytes), -(-_RUN_BYTES // channel_bytes))
-    return _run(kernel, x, threads, y, _rows(x), block, weight, bias, eps)
+    by_rows = _rows(x)
+    return _run(
+        fused if by_rows else fused[:2],
+        x,
+        threads,
+        y,
+        by_rows,
+        block,
+        weight,
+        bias,
+        eps,
+        by_samples=(y, block, weight, bias, eps),
+    )

@@ -84,11 +84,15 @@ def test_fused_call_gives_the_moments_bits_and_the_batch_normalised_output(
     )
 
 
-def test_fused_call_does_not_depend_on_thread_count(monkeypatch):
-    monkeypatch.setattr(kernels, "_PARTS_MIN", 1 << 10)  # split these inputs across threads
+@pytest.mark.parametrize("samples", [32, 7, 2])  # split by samples; by channels below 3
+def test_fused_call_does_not_depend_on_thread_count(samples, monkeypatch):
+    monkeypatch.setattr(kernels, "_PARTS_MIN", 1 << 8)  # split these inputs across threads
+    monkeypatch.setattr(kernels, "_BLOCK_BYTES", 1 << 12)  # and into blocks of channels
+    monkeypatch.setattr(kernels, "_RUN_BYTES", 1 << 12)
     monkeypatch.setattr(kernels._Parallel, "pid", 0)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(32, 40, 9, 9, generator=g) + 1
+    x = torch.randn(samples, 40, 9, 9, generator=g) + 1
+    x[:, 5] += 1e4  # a channel far off centre, summed a second time about its mean
     vectors = affine_vectors(torch.rand(40, generator=g), torch.randn(40, generator=g), 40)
     assert vectors is not None
     runs = []

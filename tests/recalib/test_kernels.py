@@ -88,9 +88,17 @@ def test_constant_channel_has_zero_m2_exactly():
     assert torch.equal(mean, torch.tensor([2.5, -1e4, 2.5], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("shape", [(64, 24, 32, 32), (64, 96, 7, 7)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (64, 24, 32, 32),  # long runs, split by samples
+        (7, 24, 9, 9),  # long runs, samples not a multiple of the thread count
+        (2, 24, 32, 32),  # long runs, fewer samples than threads: split by channels
+        (64, 96, 7, 7),  # short runs, split by channels
+    ],
+)
 def test_result_does_not_depend_on_thread_count(shape, monkeypatch):
-    monkeypatch.setattr(kernels, "_PARTS_MIN", 1 << 10)  # split these inputs across threads
+    monkeypatch.setattr(kernels, "_PARTS_MIN", 1 << 8)  # split these inputs across threads
     monkeypatch.setattr(kernels._Parallel, "pid", 0)
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(shape, generator=g) + 1).numpy().reshape(shape[0], shape[1], -1)
